@@ -1,0 +1,63 @@
+"""gapcam: class activation maps and boxes for CNNs that end in global average pooling.
+
+Importing ``gapcam`` is cheap: the public names below load their modules (and torch) on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from gapcam._version import __version__
+
+if TYPE_CHECKING:
+    from gapcam.boxes import box_iou, boxes_from_map, boxes_from_mask
+    from gapcam.errors import (
+        ClassSelectionError,
+        GapcamError,
+        ImageError,
+        ModelError,
+        OutputError,
+        UnsupportedModelError,
+    )
+    from gapcam.explain import Localizer, Result
+    from gapcam.images import load_image
+    from gapcam.models import GapModel, build_model, from_module
+    from gapcam.types import Box, ClassMap, Prediction, Preprocess
+
+_LOCATIONS = {
+    "Box": "gapcam.types",
+    "ClassMap": "gapcam.types",
+    "ClassSelectionError": "gapcam.errors",
+    "GapModel": "gapcam.models",
+    "GapcamError": "gapcam.errors",
+    "ImageError": "gapcam.errors",
+    "Localizer": "gapcam.explain",
+    "ModelError": "gapcam.errors",
+    "OutputError": "gapcam.errors",
+    "Prediction": "gapcam.types",
+    "Preprocess": "gapcam.types",
+    "Result": "gapcam.explain",
+    "UnsupportedModelError": "gapcam.errors",
+    "box_iou": "gapcam.boxes",
+    "boxes_from_map": "gapcam.boxes",
+    "boxes_from_mask": "gapcam.boxes",
+    "build_model": "gapcam.models",
+    "from_module": "gapcam.models",
+    "load_image": "gapcam.images",
+}
+
+__all__ = sorted([*_LOCATIONS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gapcam' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,67 @@
+"""From a normalised map to boxes, and box geometry. Pure numpy/scipy functions.
+
+Boxes use pixel-edge coordinates ``(x0, y0, x1, y1)`` in the original image: a component
+spanning columns 3..7 and rows 5..9 (inclusive) gives ``(3, 5, 8, 10)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from gapcam.types import Box
+
+#: 8-connectivity, as in the CAM paper's largest-connected-component rule.
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def boxes_from_map(
+    normalized: np.ndarray, threshold: float = 0.2, min_area: float = 0.0
+) -> tuple[Box, ...]:
+    """Boxes of the 8-connected components of ``normalized >= threshold``, largest first.
+
+    ``normalized`` is an H x W map scaled to [0, 1] (see ``cam.normalize``). The first box is
+    the CAM paper's box (largest component). Further components are kept when their area is at
+    least ``min_area`` times the image area. An empty mask (a flat map with threshold > 0, or a
+    threshold above every value) gives no boxes; a threshold <= 0 keeps the whole image.
+    """
+    if normalized.ndim != 2:
+        raise ValueError(f"map has shape {normalized.shape}; expected H x W")
+    mask = normalized >= threshold
+    return boxes_from_mask(mask, min_area)
+
+
+def boxes_from_mask(mask: np.ndarray, min_area: float = 0.0) -> tuple[Box, ...]:
+    """Boxes of the 8-connected components of a boolean H x W mask, largest first."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if count == 0:
+        return ()
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    slices = ndimage.find_objects(labels)
+    order = np.argsort(-areas, kind="stable")
+    smallest = min_area * mask.size
+    boxes = []
+    for rank, index in enumerate(order):
+        if rank > 0 and areas[index] < smallest:
+            break
+        rows, cols = slices[index]
+        boxes.append(Box(cols.start, rows.start, cols.stop, rows.stop, int(areas[index])))
+    return tuple(boxes)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4) with every box in ``b`` (M x 4): N x M.
+
+    Pixel-edge xyxy boxes; empty input gives an empty matrix; zero-area pairs give 0.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    left = np.maximum(a[:, None, 0], b[None, :, 0])
+    top = np.maximum(a[:, None, 1], b[None, :, 1])
+    right = np.minimum(a[:, None, 2], b[None, :, 2])
+    bottom = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

@@ -1,0 +1,104 @@
+"""Class activation maps as pure tensor functions: no hooks, no state, no I/O.
+
+Shapes: features N x C x h x w; weight K x C; bias K; classes N x k (long).
+For a ``"linear"`` head, ``CAM_c = sum_k w[c, k] * f_k`` and ``mean_hw(CAM_c) + b_c = logit_c``.
+For a ``"conv-relu"`` head (SqueezeNet), ``CAM_c = relu(w_c . f + b_c)`` and
+``mean_hw(CAM_c) = logit_c``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZATIONS = ("minmax", "max", "none")
+
+
+def logits_from_features(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, head: str = "linear"
+) -> torch.Tensor:
+    """Logits N x K from feature maps, through global average pooling and the classifier."""
+    if head == "linear":
+        return torch.addmm(bias, features.mean(dim=(2, 3)), weight.t())
+    return all_class_maps(features, weight, bias, head).mean(dim=(2, 3))
+
+
+def class_maps(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    classes: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    head: str = "linear",
+) -> torch.Tensor:
+    """CAMs of the chosen classes: N x k x h x w, ``classes`` is N x k (one row per image)."""
+    if classes.dim() != 2 or classes.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"classes has shape {tuple(classes.shape)}; expected (N, k) with N = {features.shape[0]}"
+        )
+    maps = torch.einsum("nkc,nchw->nkhw", weight[classes], features)
+    if head == "conv-relu":
+        if bias is None:
+            raise ValueError("a conv-relu head needs its bias")
+        maps = torch.relu(maps + bias[classes][..., None, None])
+    return maps
+
+
+def all_class_maps(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, head: str = "linear"
+) -> torch.Tensor:
+    """CAMs of all K classes at once (the classifier as a 1x1 convolution): N x K x h x w."""
+    kernel = weight[:, :, None, None]
+    if head == "linear":
+        return F.conv2d(features, kernel)
+    return torch.relu(F.conv2d(features, kernel, bias))
+
+
+def upsample(
+    maps: torch.Tensor,
+    size: tuple[int, int],
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of N x k x h x w maps to ``size`` = (H, W).
+
+    ``region`` = (u0, v0, u1, v1) is where the original image lies in the model input, in [0, 1]
+    (the whole input for a stretch resize, a centred part of it for a letterbox); the result is
+    in the original image's pixel coordinates.
+    """
+    height, width = size
+    if region == (0.0, 0.0, 1.0, 1.0):
+        return F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    u0, v0, u1, v1 = region
+    dtype, device = maps.dtype, maps.device
+    xs = u0 + (torch.arange(width, dtype=dtype, device=device) + 0.5) / width * (u1 - u0)
+    ys = v0 + (torch.arange(height, dtype=dtype, device=device) + 0.5) / height * (v1 - v0)
+    grid = torch.stack(torch.meshgrid(xs * 2 - 1, ys * 2 - 1, indexing="xy"), dim=-1)
+    n, k, h, w = maps.shape
+    grid = grid.expand(n * k, height, width, 2)
+    out = F.grid_sample(
+        maps.reshape(n * k, 1, h, w),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    return out.reshape(n, k, height, width)
+
+
+def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
+    """Per-map normalisation over the last two dimensions.
+
+    ``minmax``: (m - min) / (max - min) in [0, 1]; ``max``: relu(m) / max (negative evidence
+    dropped); ``none``: unchanged. A flat map (max == min, or max <= 0 for ``max``) becomes 0.
+    """
+    if mode == "none":
+        return maps
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"normalize={mode!r}: use one of {', '.join(NORMALIZATIONS)}")
+    flat = maps.flatten(-2)
+    top = flat.amax(dim=-1)[..., None, None]
+    if mode == "max":
+        positive = torch.relu(maps)
+        return torch.where(top > 0, positive / top.clamp_min(1e-12), torch.zeros_like(maps))
+    bottom = flat.amin(dim=-1)[..., None, None]
+    span = top - bottom
+    return torch.where(span > 0, (maps - bottom) / span.clamp_min(1e-12), torch.zeros_like(maps))

@@ -1,0 +1,38 @@
+"""The exceptions gapcam raises, one tree.
+
+    GapcamError                 base class; catch this to catch everything gapcam raises on purpose
+    ├── ImageError              an input image is missing, unreadable, corrupt or too large
+    ├── ModelError              unknown model, unsupported architecture, weights that cannot be had
+    │   └── UnsupportedModelError   the network is not GAP + one linear layer, so it has no exact CAM
+    ├── ClassSelectionError     a requested class index or name does not exist in the model
+    └── OutputError             an output would overwrite an input or an existing file
+
+Every message names the file or argument, shows the value received and says how to fix it.
+Front ends print ``str(error)`` as one line and exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GapcamError(Exception):
+    """Base class of every error gapcam raises on purpose."""
+
+
+class ImageError(GapcamError):
+    """An input image is missing, unreadable, corrupt, of an unsupported kind or too large."""
+
+
+class ModelError(GapcamError):
+    """A model cannot be built: unknown name, weights not available, bad weights file."""
+
+
+class UnsupportedModelError(ModelError):
+    """The architecture does not end in global average pooling + one linear layer."""
+
+
+class ClassSelectionError(GapcamError):
+    """A requested class (index or name) is not one of the model's classes."""
+
+
+class OutputError(GapcamError):
+    """Writing an output would overwrite an input or an existing file, or failed."""

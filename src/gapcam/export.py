@@ -1,0 +1,105 @@
+"""Atomic writers. Outputs go to a temporary name in the target folder and are then linked or
+renamed into place, so a reader never sees half a file and a crash leaves no corrupt output.
+Inputs are never overwritten; existing outputs only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gapcam.errors import OutputError
+
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
+
+
+class OutputGuard:
+    """Remembers the inputs of a run so that no output can replace one of them."""
+
+    def __init__(self, inputs: Iterable[Path] = (), overwrite: bool = False) -> None:
+        self.protected = {_identity(p) for p in inputs if p.exists()}
+        self.overwrite = overwrite
+
+    def check(self, target: Path) -> None:
+        if target.exists() and _identity(target) in self.protected:
+            raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")
+        if target.exists() and not self.overwrite:
+            raise OutputError(f"{target}: already exists; pass --overwrite or choose another --out")
+
+    def write_bytes(self, target: Path, data: bytes) -> Path:
+        self.check(target)
+        return atomic_write(target, data, overwrite=self.overwrite)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``target`` through a temporary file in the same folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if overwrite:
+            os.replace(temp, target)
+        else:
+            try:
+                os.link(temp, target)  # fails if the target appeared meanwhile: never clobbers
+            except FileExistsError as exc:
+                raise OutputError(f"{target}: already exists; pass --overwrite") from exc
+            temp.unlink()
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return target
+
+
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 92) -> bytes:
+    """PNG (zlib level 1: fast, lossless) or JPEG bytes."""
+    kind = IMAGE_FORMATS.get(fmt.lower())
+    if kind is None:
+        raise OutputError(f"--format {fmt}: use png or jpg")
+    buffer = io.BytesIO()
+    if kind == "PNG":
+        image.save(buffer, "PNG", compress_level=1)
+    else:
+        image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_json(document: Any) -> bytes:
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json(document: Any, destination: str, guard: OutputGuard) -> None:
+    """Write JSON to a file (atomically) or to standard output for ``-``."""
+    if destination == "-":
+        sys.stdout.write(encode_json(document).decode("utf-8"))
+        sys.stdout.flush()
+        return
+    guard.write_bytes(Path(destination), encode_json(document))

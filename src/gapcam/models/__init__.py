@@ -1,0 +1,7 @@
+"""Model adapters: the GapModel contract, the registry and the adapters behind it."""
+
+from gapcam.models.base import GapModel, inference_state
+from gapcam.models.custom import from_module
+from gapcam.models.registry import DEFAULT_MODEL, build_model, specs
+
+__all__ = ["DEFAULT_MODEL", "GapModel", "build_model", "from_module", "inference_state", "specs"]

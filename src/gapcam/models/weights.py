@@ -1,0 +1,72 @@
+"""Read local weight files safely: safetensors, or ``torch.load(weights_only=True)``.
+
+Nothing is ever unpickled: a file that needs arbitrary pickles is refused with a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from gapcam.errors import ModelError
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from ``path`` (.safetensors, or a torch file) onto the CPU.
+
+    A checkpoint dict that wraps the state dict under ``state_dict`` or ``model`` is unwrapped,
+    and a ``module.`` prefix (from DataParallel) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"--weights {path}: no such file; give a .safetensors or .pth state dict")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            loaded: object = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"--weights {path}: not a valid safetensors file ({exc})") from exc
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"--weights {path}: cannot load it as a weights-only torch file ({first}); "
+                "save a plain state dict (torch.save(model.state_dict(), ...)) or safetensors"
+            ) from exc
+    return _unwrap(loaded, path)
+
+
+def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model"):
+            inner = loaded.get(key)
+            if isinstance(inner, Mapping):
+                loaded = inner
+                break
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise ModelError(f"--weights {path}: holds no state dict (a mapping of names to tensors)")
+    state = {}
+    for key, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelError(f"--weights {path}: entry {key!r} is not a tensor")
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], label: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise ModelError(
+            f"{label}: the weights do not fit this architecture ({detail[:300]}); "
+            "check that --model matches the network the weights were saved from"
+        ) from exc

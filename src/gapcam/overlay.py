@@ -1,0 +1,113 @@
+"""Heatmap colouring, blending, box and caption drawing, grids. Images in, images out; no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from gapcam.types import Box
+
+BOX_COLOURS = ((0, 255, 0), (255, 255, 0), (0, 255, 255), (255, 0, 255))
+
+
+@lru_cache(maxsize=16)
+def colormap_lut(name: str = "jet") -> np.ndarray:
+    """A 256 x 3 uint8 lookup table for a matplotlib colormap name."""
+    import matplotlib
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError as exc:
+        known = ", ".join(sorted(n for n in matplotlib.colormaps if not n.endswith("_r"))[:12])
+        raise ValueError(f"--cmap {name}: not a matplotlib colormap (e.g. {known}, ...)") from exc
+    table = cmap(np.linspace(0.0, 1.0, 256))[:, :3]
+    return np.ascontiguousarray((table * 255.0).round().astype(np.uint8))
+
+
+def colorize(normalized: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """H x W map in [0, 1] -> H x W x 3 uint8 through a 256-entry lookup table."""
+    index = np.clip(normalized * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return colormap_lut(cmap)[index]
+
+
+def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """``(1 - alpha) * image + alpha * heat`` for an RGB image and an H x W x 3 uint8 heatmap."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--alpha {alpha}: must be between 0 and 1")
+    base = np.asarray(image, dtype=np.float32)
+    mixed = base * (1.0 - alpha) + heat.astype(np.float32) * alpha
+    return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def _line_width(image: Image.Image) -> int:
+    return max(2, round(min(image.size) / 150))
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Box], primary_only: bool = False) -> Image.Image:
+    """Draw boxes (the first, the largest component, thickest) on a copy of ``image``."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = _line_width(image)
+    for rank, box in enumerate(boxes[:1] if primary_only else boxes):
+        colour = BOX_COLOURS[0] if rank == 0 else BOX_COLOURS[1]
+        line = width if rank == 0 else max(1, width // 2)
+        draw.rectangle((box.x0, box.y0, box.x1 - 1, box.y1 - 1), outline=colour, width=line)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def add_caption(image: Image.Image, text: str) -> Image.Image:
+    """Put ``text`` on a dark band above the image (the image itself is not covered)."""
+    size = max(12, round(image.width / 28))
+    font = _font(size)
+    band = round(size * 1.6)
+    out = Image.new("RGB", (image.width, image.height + band), (20, 20, 20))
+    out.paste(image, (0, band))
+    draw = ImageDraw.Draw(out)
+    while len(text) > 4 and draw.textlength(text, font=font) > image.width - size:
+        text = text[:-2].rstrip() + "…" if not text.endswith("…") else text[:-2] + "…"
+    draw.text((size // 2, (band - size) // 2), text, fill=(255, 255, 255), font=font)
+    return out
+
+
+def render(
+    image: Image.Image,
+    normalized: np.ndarray,
+    boxes: Sequence[Box] = (),
+    caption: str | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> Image.Image:
+    """The CAM figure: heatmap blended on the photo, boxes, and a caption band."""
+    out = blend(image, colorize(normalized, cmap), alpha)
+    if boxes:
+        out = draw_boxes(out, boxes)
+    if caption:
+        out = add_caption(out, caption)
+    return out
+
+
+def grid(panels: Sequence[Image.Image], columns: int | None = None, gap: int = 4) -> Image.Image:
+    """Panels side by side (``columns`` per row, default all in one row up to 5)."""
+    if not panels:
+        raise ValueError("grid needs at least one panel")
+    columns = columns or min(len(panels), 5)
+    rows = -(-len(panels) // columns)
+    cell_w = max(p.width for p in panels)
+    cell_h = max(p.height for p in panels)
+    out = Image.new(
+        "RGB",
+        (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap),
+        (255,) * 3,
+    )
+    for i, panel in enumerate(panels):
+        row, col = divmod(i, columns)
+        out.paste(panel, (col * (cell_w + gap), row * (cell_h + gap)))
+    return out

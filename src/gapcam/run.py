@@ -1,0 +1,186 @@
+"""The ``gapcam localize`` job: expand inputs, explain them in batches, write outputs, report.
+
+A bad input is reported (one line naming the file) and counted; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from gapcam import images
+from gapcam._version import __version__
+from gapcam.errors import GapcamError
+from gapcam.explain import Localizer, Result
+from gapcam.export import OutputGuard, encode_image, encode_npy, write_json
+
+PROGRESS_AFTER = 3
+
+
+@dataclass
+class Outcome:
+    done: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_localize(args: argparse.Namespace) -> int:
+    found, problems = images.expand_inputs(args.inputs)
+    human: TextIO = sys.stderr if args.json == "-" else sys.stdout
+    localizer = Localizer(
+        args.model,
+        weights=args.weights,
+        threshold=args.threshold,
+        normalize=args.normalize,
+        min_area=args.min_area,
+        resize=args.resize,
+        device=args.device,
+        max_pixels=args.max_pixels,
+    )
+    if args.classes:
+        localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
+    guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
+    outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems])
+    for message in problems:
+        print(f"error: {message}", file=sys.stderr)
+    targets = _unique_targets([relative for _, relative in found])
+    progress = _progress(len(found), args.quiet)
+    for batch in _batches(list(zip(found, targets)), args.batch_size):
+        loaded = []
+        for (path, _), target in batch:
+            try:
+                item = images.load_image(path, max_pixels=args.max_pixels)
+            except GapcamError as exc:
+                _fail(outcome, str(path), str(exc))
+                continue
+            loaded.append((item, target))
+        results = localizer.explain(
+            [item for item, _ in loaded],
+            classes=args.classes,
+            cam_top_k=args.top_k,
+            top_k=max(5, args.top_k),
+        )
+        for (item, target), result in zip(loaded, results):
+            try:
+                document = _write_outputs(result, Path(args.out) / target, args, guard)
+            except GapcamError as exc:
+                _fail(outcome, item.name, str(exc))
+                continue
+            outcome.done += 1
+            outcome.documents.append(document)
+            if not args.quiet:
+                _print_result(result, document, human)
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    if args.json:
+        write_json(_run_document(localizer, args, outcome), args.json, guard)
+    total = outcome.done + len(outcome.failed)
+    print(
+        f"gapcam: {outcome.done} of {total} inputs done, {len(outcome.failed)} failed",
+        file=sys.stderr,
+    )
+    return 0 if not outcome.failed else 1
+
+
+def _fail(outcome: Outcome, name: str, message: str) -> None:
+    outcome.failed.append((name, message))
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _unique_targets(relatives: Sequence[Path]) -> list[Path]:
+    """Output stems mirroring the inputs, made unique (``cat``, ``cat-2``, ...)."""
+    seen: set[str] = set()
+    targets = []
+    for relative in relatives:
+        base = relative.with_suffix("")
+        candidate, n = base, 1
+        while str(candidate).lower() in seen:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        seen.add(str(candidate).lower())
+        targets.append(candidate)
+    return targets
+
+
+def _write_outputs(
+    result: Result, stem: Path, args: argparse.Namespace, guard: OutputGuard
+) -> dict[str, Any]:
+    document = result.to_dict()
+    if not args.no_overlay:
+        figure = result.figure(alpha=args.alpha, cmap=args.cmap)
+        target = stem.with_name(f"{stem.name}.cam.{args.format}")
+        document["overlay"] = str(guard.write_bytes(target, encode_image(figure, args.format)))
+    if args.save_cam:
+        import numpy as np
+
+        raw = np.stack([result.raw_cam(i) for i in range(len(result.maps))]).astype(np.float32)
+        target = stem.with_name(f"{stem.name}.cam.npy")
+        document["cam_npy"] = str(guard.write_bytes(target, encode_npy(raw)))
+    return document
+
+
+def _print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:
+    width, height = result.size
+    lines = [f"{result.name}  ({width}x{height})"]
+    lines += [f"  {p.probability:7.2%}  {p.name} [{p.index}]" for p in result.predictions[:5]]
+    for class_map in result.maps:
+        boxes = class_map.boxes
+        if not boxes:
+            lines.append(
+                f"  no box for {class_map.prediction.name}: the map is flat or below the threshold"
+            )
+            continue
+        first = boxes[0]
+        share = first.area / (width * height)
+        extra = f" (+{len(boxes) - 1} more)" if len(boxes) > 1 else ""
+        lines.append(
+            f"  box {class_map.prediction.name}: x0={first.x0} y0={first.y0} x1={first.x1} "
+            f"y1={first.y1} ({share:.0%} of the image){extra}"
+        )
+    lines += [f"  note: {note}" for note in result.notes]
+    for key in ("overlay", "cam_npy"):
+        if key in document:
+            lines.append(f"  {key.replace('_', ' ')}: {document[key]}")
+    print("\n".join(lines), file=out)
+
+
+def _progress(count: int, quiet: bool) -> Any:
+    if quiet or count <= PROGRESS_AFTER:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=count, unit="img", file=sys.stderr, leave=False)
+
+
+def _run_document(
+    localizer: Localizer, args: argparse.Namespace, outcome: Outcome
+) -> dict[str, Any]:
+    settings = localizer.settings()
+    return {
+        "schema": "gapcam.localize/1",
+        "gapcam_version": __version__,
+        "settings": {
+            "model": settings.model,
+            "weights": args.weights,
+            "threshold": settings.threshold,
+            "normalize": settings.normalize,
+            "min_area": settings.min_area,
+            "resize": settings.resize,
+            "input_size": list(settings.input_size),
+            "classes": args.classes,
+            "top_k": args.top_k,
+        },
+        "results": outcome.documents,
+        "errors": [{"input": name, "error": message} for name, message in outcome.failed],
+    }

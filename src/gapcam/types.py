@@ -1,0 +1,99 @@
+"""Frozen value objects passed between the layers. No torch import here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ResizeMode = Literal["stretch", "letterbox"]
+RESIZE_MODES: tuple[str, ...] = ("stretch", "letterbox")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box in original-image pixel coordinates.
+
+    Pixel-edge convention: ``x0, y0`` is the top-left corner of the top-left pixel of the
+    region and ``x1, y1`` the bottom-right corner of its bottom-right pixel, so a region made
+    of the single pixel (col 3, row 5) is ``Box(3, 5, 4, 6)``; width is ``x1 - x0``.
+    ``area`` is the number of pixels of the connected component the box was made from
+    (0 for boxes that do not come from a component, such as ground truth).
+    """
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    area: int = 0
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    def as_list(self) -> list[float]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input tensor; it travels with the weights.
+
+    ``size`` is (height, width) of the network input. ``resize``: ``"stretch"`` resizes the
+    whole image to ``size`` (every pixel of the photo gets a map value; the CAM default) and
+    ``"letterbox"`` keeps the aspect ratio and pads (with the mean colour) to ``size``.
+    Pixel values are scaled to [0, 1], then ``(x - mean) / std`` per channel.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+
+    def replace(self, **changes: Any) -> Preprocess:
+        values = asdict(self)
+        values.update(changes)
+        return Preprocess(**values)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class's score for one image."""
+
+    index: int
+    name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """The CAM of one class for one image, and the boxes drawn from it.
+
+    ``low_res`` is the raw map at the feature resolution (h x w, float32, not normalised);
+    ``boxes`` come from the normalised map upsampled to the original image, largest first
+    (``boxes[0]`` is the CAM paper's box of the largest connected component).
+    """
+
+    prediction: Prediction
+    low_res: Any  # numpy.ndarray (h, w) float32
+    boxes: tuple[Box, ...]
+    raw_min: float
+    raw_max: float
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a result was made with (recorded in JSON outputs)."""
+
+    model: str
+    threshold: float
+    normalize: str
+    min_area: float
+    resize: str
+    input_size: tuple[int, int]
+    extras: dict[str, Any] = field(default_factory=dict)

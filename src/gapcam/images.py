@@ -241,7 +241,7 @@ def resize_for_model(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     resized = image if image.size == (new_w, new_h) else image.resize((new_w, new_h), method)
     if (new_w, new_h) == (in_w, in_h):
         return np.asarray(resized)
-    fill = tuple(int(round(m * 255)) for m in preprocess.mean)
+    fill = tuple(round(m * 255) for m in preprocess.mean)
     canvas = Image.new("RGB", (in_w, in_h), fill)
     canvas.paste(resized, (left, top))
     return np.asarray(canvas)

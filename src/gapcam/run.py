@@ -49,7 +49,7 @@ def run_localize(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     targets = _unique_targets([relative for _, relative in found])
     progress = _progress(len(found), args.quiet)
-    for batch in _batches(list(zip(found, targets)), args.batch_size):
+    for batch in _batches(list(zip(found, targets, strict=True)), args.batch_size):
         loaded = []
         for (path, _), target in batch:
             try:
@@ -64,7 +64,7 @@ def run_localize(args: argparse.Namespace) -> int:
             cam_top_k=args.top_k,
             top_k=max(5, args.top_k),
         )
-        for (item, target), result in zip(loaded, results):
+        for (item, target), result in zip(loaded, results, strict=True):
             try:
                 document = _write_outputs(result, Path(args.out) / target, args, guard)
             except GapcamError as exc:

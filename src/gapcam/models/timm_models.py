@@ -141,7 +141,7 @@ def _embedded_state(module: nn.Module) -> dict[str, torch.Tensor]:
             f"{len(target)}; the weights package does not match this timm version"
         )
     mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise ModelError(
                 f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "

@@ -22,6 +22,16 @@ from gapcam.errors import OutputError
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Outputs get the permissions a plain ``open(..., "w")`` would give (mkstemp makes them 0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 class OutputGuard:
     """Remembers the inputs of a run so that no output can replace one of them."""
 
@@ -53,6 +63,7 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
     )
     temp = Path(temp_name)
     try:
+        os.fchmod(handle, FILE_MODE)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()

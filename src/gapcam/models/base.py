@@ -19,6 +19,7 @@ import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class GapModel:
 
     name: str
     module: nn.Module
-    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    feature_fn: Callable[[Any, torch.Tensor], torch.Tensor]
     classifier: nn.Module
     class_names: Sequence[str]
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -65,20 +66,20 @@ class GapModel:
     @property
     def weight(self) -> torch.Tensor:
         """Classifier weight as K x C, read live from the module."""
-        weight = self.classifier.weight
+        weight = cast(torch.Tensor, self.classifier.weight)
         return weight.reshape(weight.shape[0], -1)
 
     @property
     def bias(self) -> torch.Tensor:
         """Classifier bias (K,), zeros when the classifier has none."""
-        bias = getattr(self.classifier, "bias", None)
+        bias = cast("torch.Tensor | None", getattr(self.classifier, "bias", None))
         if bias is None:
             return torch.zeros(self.num_classes, dtype=self.weight.dtype, device=self.weight.device)
         return bias
 
     @property
     def num_classes(self) -> int:
-        return int(self.classifier.weight.shape[0])
+        return int(self.weight.shape[0])
 
     @property
     def num_features(self) -> int:
@@ -86,7 +87,7 @@ class GapModel:
 
     @property
     def device(self) -> torch.device:
-        return self.classifier.weight.device
+        return self.weight.device
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from feature maps through the head: equals ``module(x)``."""
@@ -149,6 +150,8 @@ def verify_head(model: GapModel, head_fn: Callable[[torch.Tensor], torch.Tensor]
     """
     from gapcam.errors import UnsupportedModelError
 
+    expected: torch.Tensor | None
+    ours: torch.Tensor | None
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(2, model.num_features, 3, 3, generator=generator)
     probe = probe.to(device=model.device, dtype=model.weight.dtype)

@@ -7,6 +7,7 @@ Names: ``efficientnet_lite0`` (the embedded default), torchvision names (``resne
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,8 @@ def _populate() -> None:
             ModelSpec(
                 name,
                 "torchvision",
-                lambda weights, name=name: tv.build(name, weights),
-                lambda name=name: tv.weights_cached(name),
+                functools.partial(tv.build, name),
+                functools.partial(tv.weights_cached, name),
                 "pretrained weights download once; or --weights FILE",
             )
         )

@@ -27,7 +27,7 @@ def _forward_features(module: Any, x: torch.Tensor) -> torch.Tensor:
     return module.forward_features(x)
 
 
-def wrap(module: nn.Module, name: str, class_names: Any = None, source: str = "timm") -> GapModel:
+def wrap(module: Any, name: str, class_names: Any = None, source: str = "timm") -> GapModel:
     """A GapModel around a timm model, after checking its head is GAP + linear."""
     classifier = module.get_classifier() if hasattr(module, "get_classifier") else None
     if not isinstance(classifier, nn.Linear):
@@ -62,7 +62,7 @@ def wrap(module: nn.Module, name: str, class_names: Any = None, source: str = "t
         preprocess=preprocess,
         source=source,
     )
-    verify_head(model, module.forward_head)  # type: ignore[operator]
+    verify_head(model, module.forward_head)
     return model
 
 

@@ -25,7 +25,7 @@ from gapcam.models.imagenet import default_names
 from gapcam.models.weights import load_into, load_state_dict
 from gapcam.types import Preprocess
 
-FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+FeatureFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def _resnet(m: Any, x: torch.Tensor) -> torch.Tensor:

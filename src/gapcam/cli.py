@@ -7,6 +7,7 @@ Exit codes: 0 all inputs done; 1 some inputs failed (the rest were still process
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -162,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gapcam: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `gapcam models | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _models(show_refused: bool) -> int:

@@ -1,0 +1,153 @@
+"""Fine-tuned heads as run folders: ``model.safetensors`` + ``gapcam.json``. Nothing is pickled.
+
+``model.safetensors`` holds ``head.weight`` / ``head.bias`` (the new classifier) and, when part
+of the backbone was trained too, those tensors under ``backbone.<name>``. ``gapcam.json`` holds
+the backbone's name and weights, the class names, the preprocessing, metrics and the version.
+A run loads with ``load_checkpoint(run)``: build the backbone, swap in the head, load tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from gapcam.errors import ModelError
+from gapcam.models.base import GapModel
+
+FORMAT = "gapcam.checkpoint/1"
+TENSORS = "model.safetensors"
+METADATA = "gapcam.json"
+
+
+def replace_classifier(model: GapModel, class_names: Sequence[str]) -> GapModel:
+    """A GapModel whose classifier is a new layer with one output per name (set in place in
+    ``model.module``, which the caller owns)."""
+    old = model.classifier
+    if model.head == "linear":
+        new: nn.Module = nn.Linear(model.num_features, len(class_names))
+    else:
+        new = nn.Conv2d(model.num_features, len(class_names), kernel_size=1)
+    new = new.to(device=model.device, dtype=model.weight.dtype)
+    parent, attribute = _locate(model.module, old)
+    setattr(parent, attribute, new)
+    return dataclasses.replace(model, classifier=new, class_names=tuple(class_names), aliases=())
+
+
+def _locate(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in root.modules():
+        for child_name, child in module.named_children():
+            if child is target:
+                return module, child_name
+    raise ModelError(f"{type(root).__name__}: its classifier is not a submodule; cannot replace it")
+
+
+def trained_tensors(model: GapModel, backbone_names: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The tensors a run saves: the head, plus the named backbone parameters/buffers."""
+    tensors: dict[str, torch.Tensor] = {"head.weight": cast(torch.Tensor, model.classifier.weight)}
+    bias = getattr(model.classifier, "bias", None)
+    if bias is not None:
+        tensors["head.bias"] = bias
+    state = model.module.state_dict()
+    for name in backbone_names:
+        tensors[f"backbone.{name}"] = state[name]
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def write_checkpoint(
+    run: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """Write the run's tensors and metadata atomically (temp file, then rename)."""
+    from safetensors.torch import save
+
+    from gapcam._version import __version__
+    from gapcam.export import atomic_write
+
+    document = {"format": FORMAT, "gapcam_version": __version__, **metadata}
+    atomic_write(run / TENSORS, save(dict(tensors)), overwrite=True)
+    atomic_write(run / METADATA, (json.dumps(document, indent=2) + "\n").encode(), overwrite=True)
+
+
+def read_metadata(run: Path) -> dict[str, Any]:
+    path = Path(run) / METADATA
+    if not path.is_file():
+        raise ModelError(
+            f"--checkpoint {run}: no {METADATA} in it; give a folder made by `gapcam train`"
+        )
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"--checkpoint {run}: {METADATA} is not valid JSON ({exc})") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ModelError(f"--checkpoint {run}: {METADATA} is not a {FORMAT} file")
+    for key in ("backbone", "class_names"):
+        if key not in document:
+            raise ModelError(f"--checkpoint {run}: {METADATA} has no {key!r}")
+    return document
+
+
+def load_checkpoint(run: str | Path) -> GapModel:
+    """The GapModel of a training run folder (backbone + trained head and tensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gapcam.models.registry import build_model
+
+    run = Path(run)
+    meta = read_metadata(run)
+    model = build_model(meta["backbone"], meta.get("backbone_weights"))
+    model = replace_classifier(model, meta["class_names"])
+    try:
+        tensors = load_file(str(run / TENSORS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
+    _load_head(model, tensors, run)
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")
+    }
+    if backbone:
+        _load_backbone(model, backbone, run)
+    preprocess = meta.get("preprocess")
+    if isinstance(preprocess, dict):
+        fields = {f.name for f in dataclasses.fields(model.preprocess)}
+        clean = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items() if k in fields
+        }
+        model.preprocess = model.preprocess.replace(**clean)
+    model.name = f"{meta['backbone']}+{run.name}"
+    model.source = "checkpoint"
+    return model
+
+
+def _load_head(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Path) -> None:
+    classifier: Any = model.classifier
+    for key, target in (
+        ("head.weight", classifier.weight),
+        ("head.bias", getattr(classifier, "bias", None)),
+    ):
+        if target is None:
+            continue
+        tensor = tensors.get(key)
+        if tensor is None or tensor.shape != target.shape:
+            found = None if tensor is None else tuple(tensor.shape)
+            raise ModelError(
+                f"--checkpoint {run}: {key} is {found}, expected {tuple(target.shape)}; "
+                f"{TENSORS} does not match {METADATA}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+
+
+def _load_backbone(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Path) -> None:
+    state = model.module.state_dict()
+    for name, tensor in tensors.items():
+        if name not in state or state[name].shape != tensor.shape:
+            raise ModelError(
+                f"--checkpoint {run}: backbone tensor {name!r} does not fit the backbone"
+            )
+    model.module.load_state_dict(tensors, strict=False)

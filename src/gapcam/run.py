@@ -32,7 +32,7 @@ def run_localize(args: argparse.Namespace) -> int:
     found, problems = images.expand_inputs(args.inputs)
     human: TextIO = sys.stderr if args.json == "-" else sys.stdout
     localizer = Localizer(
-        args.model,
+        model_from_args(args),
         weights=args.weights,
         threshold=args.threshold,
         normalize=args.normalize,
@@ -86,6 +86,17 @@ def run_localize(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if not outcome.failed else 1
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """``--checkpoint RUN`` (a trained head) or ``--model`` (with ``--weights``)."""
+    if getattr(args, "checkpoint", None):
+        if args.weights:
+            raise GapcamError("--checkpoint and --weights: give one or the other, not both")
+        from gapcam.models.checkpoint import load_checkpoint
+
+        return load_checkpoint(args.checkpoint)
+    return args.model
 
 
 def _fail(outcome: Outcome, name: str, message: str) -> None:

@@ -5,7 +5,6 @@ Everything here is offline and deterministic: random tensors come from seeded ge
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,30 @@ from gapcam.types import Preprocess
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+# The test machines are small and shared: one intra-op thread is faster and steadier than
+# several threads fighting for two cores (measured 10x on a busy 2-core box).
+torch.set_num_threads(1)
+
+
+class Tripwire(nn.Module):
+    """Identity, until ``armed``: then its forward raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            raise RuntimeError("tripwire forward exploded on purpose")
+        return x
+
 
 class TinyGapNet(nn.Module):
-    """conv -> BN -> ReLU -> strided conv -> Dropout (``body``) -> GAP -> ``fc``.
+    """conv -> BN -> ReLU -> strided conv -> Dropout -> Tripwire (``body``) -> GAP -> ``fc``.
 
-    BatchNorm and Dropout make train/eval mode visible in the output; ``explode`` makes the
-    forward raise after the features ran (to test clean-up on errors).
+    BatchNorm and Dropout make train/eval mode visible in the output. To test clean-up on
+    errors, ``explode`` makes the forward raise after the features ran, and arming
+    ``body[5]`` (a Tripwire) makes it raise inside the feature layer.
     """
 
     def __init__(self, classes: int = 5, width: int = 8) -> None:
@@ -36,6 +53,7 @@ class TinyGapNet(nn.Module):
             nn.ReLU(),
             nn.Conv2d(width, width, 3, stride=2, padding=1),
             nn.Dropout(0.5),
+            Tripwire(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, classes)
@@ -142,11 +160,6 @@ def generator() -> torch.Generator:
 @pytest.fixture
 def tiny() -> GapModel:
     return tiny_gap_model()
-
-
-@pytest.fixture
-def make_tiny() -> Callable[..., GapModel]:
-    return tiny_gap_model
 
 
 @pytest.fixture

@@ -8,10 +8,15 @@ For a ``"conv-relu"`` head (SqueezeNet), ``CAM_c = relu(w_c . f + b_c)`` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 NORMALIZATIONS = ("minmax", "max", "none")
+
+#: Relative spread below which a map counts as flat for ``minmax`` (float rounding, not signal).
+FLAT_TOLERANCE = 1e-5
 
 
 def logits_from_features(
@@ -88,7 +93,9 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
     """Per-map normalisation over the last two dimensions.
 
     ``minmax``: (m - min) / (max - min) in [0, 1]; ``max``: relu(m) / max (negative evidence
-    dropped); ``none``: unchanged. A flat map (max == min, or max <= 0 for ``max``) becomes 0.
+    dropped); ``none``: unchanged. A flat map (max == min, or max <= 0 for ``max``) becomes 0;
+    for ``minmax`` "flat" allows float rounding (max - min <= 1e-5 * max(|max|, |min|)), as
+    bilinear upsampling of a constant map is constant only up to rounding.
     """
     if mode == "none":
         return maps
@@ -101,4 +108,25 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
         return torch.where(top > 0, positive / top.clamp_min(1e-12), torch.zeros_like(maps))
     bottom = flat.amin(dim=-1)[..., None, None]
     span = top - bottom
-    return torch.where(span > 0, (maps - bottom) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    varies = span > FLAT_TOLERANCE * torch.maximum(top.abs(), bottom.abs())
+    return torch.where(varies, (maps - bottom) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def merge_views(maps: Sequence[torch.Tensor], mirrored: Sequence[bool]) -> torch.Tensor:
+    """The mean of CAMs of several views of the same images (each N x k x h_i x w_i).
+
+    A view made from the horizontally mirrored input is mirrored back first; every map is then
+    resampled bilinearly (align_corners=False) to the finest grid (largest h, largest w) and
+    the maps are averaged there: N x k x h x w. Views must cover the same region of the images.
+    """
+    if not maps or len(maps) != len(mirrored):
+        raise ValueError(f"{len(maps)} maps and {len(mirrored)} mirrored flags; give one per view")
+    height = max(m.shape[-2] for m in maps)
+    width = max(m.shape[-1] for m in maps)
+    total = maps[0].new_zeros((*maps[0].shape[:2], height, width))
+    for view, flip in zip(maps, mirrored, strict=True):
+        view = view.flip(-1) if flip else view
+        if view.shape[-2:] != (height, width):
+            view = F.interpolate(view, size=(height, width), mode="bilinear", align_corners=False)
+        total += view
+    return total / len(maps)

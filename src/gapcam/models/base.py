@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -98,13 +99,20 @@ class GapModel:
     # -- classes --------------------------------------------------------------------------------
     def class_index(self, query: int | str) -> int:
         """Index of a class given as an index (int or digit string) or a name (any synonym)."""
-        if isinstance(query, int) or (isinstance(query, str) and query.strip().isdigit()):
+        if isinstance(query, numbers.Integral) or (
+            isinstance(query, str) and query.strip().isdigit()
+        ):
             index = int(query)
             if not 0 <= index < self.num_classes:
                 raise ClassSelectionError(
                     f"class {index}: out of range; {self.name} has classes 0..{self.num_classes - 1}"
                 )
             return index
+        if not isinstance(query, str):
+            raise ClassSelectionError(
+                f"class {query!r}: give a class index (int) or a class name (str), "
+                f"not a {type(query).__name__}"
+            )
         wanted = query.strip().lower()
         exact = [i for i, n in enumerate(self.class_names) if n.lower() == wanted]
         if not exact and self.aliases:

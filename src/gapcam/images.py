@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ def load_image(
         return _decode(io.BytesIO(bytes(source)), label, None, max_pixels)
     if isinstance(source, Image.Image):
         label = name or "<PIL image>"
+        try:
+            source.load()  # a lazily opened file may be truncated: fail here, as for a path
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
         rgb, notes = _to_rgb(source, label)
         return LoadedImage(rgb, label, None, notes)
     if isinstance(source, np.ndarray) or type(source).__module__.startswith("torch"):
@@ -103,11 +108,26 @@ def _load_file(path: Path, label: str, max_pixels: int) -> LoadedImage:
     return _decode(io.BytesIO(data), label, path, max_pixels)
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_unlimited(stream: io.BytesIO) -> Image.Image:
+    """``Image.open`` without Pillow's own pixel cap (it reads only the header): gapcam checks
+    ``max_pixels`` itself right after, so ``--max-pixels`` can go above Pillow's built-in limit."""
+    with _PIL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(stream)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def _decode(stream: io.BytesIO, label: str, path: Path | None, max_pixels: int) -> LoadedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = _open_unlimited(stream)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(

@@ -174,10 +174,11 @@ def build(name: str, weights: str | Path | None = None) -> GapModel:
 
 
 def _download(name: str, torchvision: Any) -> nn.Module:
-    # torch.hub announces the download on stderr; hold that back so an offline failure is one line
+    # torch.hub announces the download (on stdout in torch >= 2.x, which would corrupt
+    # `--json -`) and draws a bar on stderr; hold both back so an offline failure is one line
     held = io.StringIO()
     try:
-        with contextlib.redirect_stderr(held):
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
             module = torchvision.models.get_model(name, weights="DEFAULT")
         sys.stderr.write(held.getvalue())
         return module

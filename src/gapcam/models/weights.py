@@ -5,6 +5,7 @@ Nothing is ever unpickled: a file that needs arbitrary pickles is refused with a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,13 +34,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ...
             raise ModelError(
-                f"--weights {path}: cannot load it as a weights-only torch file ({first}); "
-                "save a plain state dict (torch.save(model.state_dict(), ...)) or safetensors"
+                f"--weights {path}: {_torch_load_problem(exc)}; save a plain state dict "
+                "(torch.save(model.state_dict(), ...)) or safetensors"
             ) from exc
     return _unwrap(loaded, path)
+
+
+def _torch_load_problem(exc: Exception) -> str:
+    """One short reason for a failed weights-only ``torch.load`` (torch's own text is long and
+    advises ``weights_only=False`` or allow-listing globals, which gapcam never does)."""
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (
+                f"it holds pickled Python objects besides tensors ({found.group(1)}); refused, "
+                "gapcam never unpickles them (that could run code)"
+            )
+        detail = [line for line in lines[1:] if not line.startswith(("Please", "Check the"))]
+        return f"not a torch weights file ({detail[-1][:120] if detail else 'unreadable'})"
+    if isinstance(exc, KeyError) or not lines:  # torch's legacy reader on non-torch bytes
+        return "not a torch weights file"
+    return f"cannot load it as a weights-only torch file ({lines[0][:200]})"
 
 
 def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:

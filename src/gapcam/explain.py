@@ -4,12 +4,17 @@
 >>> result = loc("examples/cat.png")        # one image -> one Result; a list -> a list
 >>> result.predictions[0].name, result.maps[0].boxes[0]
 >>> result.overlay().save("cat-cam.png")
+
+Beyond one plain forward pass (gradient-free, measured in docs/evaluate.md): ``input_size``
+runs the network at another resolution (finer maps), ``hflip`` averages the CAM of the mirrored
+image (mirrored back), ``scales`` averages CAMs over input sizes; ``Localizer.from_preset`` picks
+a measured combination from ``PRESETS``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,15 @@ from gapcam import cam, images, overlay
 from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import DEFAULT_MODEL, GapModel, build_model, inference_state
-from gapcam.types import RESIZE_MODES, ClassMap, Prediction, Settings
+from gapcam.types import RESIZE_MODES, ClassMap, Prediction, Preprocess, Settings
+
+#: Named view settings for ``Localizer.from_preset`` (and ``--preset``), measured on the
+#: ILSVRC dev set in docs/evaluate.md: ``cam`` is the paper's single pass (the default).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cam": {},
+    "fine": {"input_size": 288},
+    "best": {"scales": (1.0, 1.5)},
+}
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,13 @@ class Localizer:
     ``model``: a registered name (see ``gapcam models``) or a ``GapModel``; ``weights``: None
     (pretrained), "random", or a local file. ``threshold`` applies to the normalised map
     (CAM paper: 0.2); further components of at least ``min_area`` x image area are extra boxes.
+
+    Keyword-only view options (the defaults give one plain forward pass): ``input_size``
+    (an int or (height, width)) replaces the model's input size; ``hflip`` adds the mirrored
+    image; ``scales`` (factors of the input size) adds resized copies. With several views the
+    logits are averaged, and so are the CAMs (each mirrored back and resampled bilinearly to
+    the finest feature grid, which is what ``ClassMap.low_res`` then holds) before the
+    normalisation.
     """
 
     model: GapModel | str = DEFAULT_MODEL
@@ -123,6 +143,19 @@ class Localizer:
     device: str | torch.device | None = None
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     _model: GapModel = field(init=False, repr=False)
+    _: KW_ONLY
+    input_size: int | tuple[int, int] | None = None
+    hflip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, model: GapModel | str = DEFAULT_MODEL, **kwargs: Any
+    ) -> Localizer:
+        """A Localizer with the view settings of ``PRESETS[preset]``; ``kwargs`` override them."""
+        if preset not in PRESETS:
+            raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
+        return cls(model, **{**PRESETS[preset], **kwargs})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -133,6 +166,7 @@ class Localizer:
             raise GapcamError(f"normalize={self.normalize!r}: use one of {cam.NORMALIZATIONS}")
         if self.resize not in RESIZE_MODES:
             raise GapcamError(f"resize={self.resize!r}: use one of {RESIZE_MODES}")
+        self._check_views()
         if isinstance(self.model, GapModel):
             self._model = self.model
         else:
@@ -144,9 +178,43 @@ class Localizer:
     def gap_model(self) -> GapModel:
         return self._model
 
+    def _check_views(self) -> None:
+        size = self.input_size
+        sides = (size, size) if isinstance(size, int) else size
+        if sides is not None and (
+            len(sides) != 2 or not all(isinstance(s, int) and s >= 8 for s in sides)
+        ):
+            raise GapcamError(
+                f"input_size={size!r}: give one side or (height, width) in pixels, at least 8"
+            )
+        self.scales = tuple(self.scales)
+        if not self.scales or not all(0.1 <= float(s) <= 8.0 for s in self.scales):
+            raise GapcamError(
+                f"scales={self.scales!r}: give one or more factors of the input size, "
+                "between 0.1 and 8, e.g. (1.0, 1.5)"
+            )
+
     @property
     def preprocess(self) -> Any:
-        return self._model.preprocess.replace(resize=self.resize)
+        preprocess = self._model.preprocess.replace(resize=self.resize)
+        if self.input_size is None:
+            return preprocess
+        size = self.input_size
+        return preprocess.replace(size=(size, size) if isinstance(size, int) else tuple(size))
+
+    def views(self) -> list[tuple[Preprocess, bool]]:
+        """The (preprocessing, mirrored) pairs one call runs: one per scale, and mirrored too."""
+        base = self.preprocess
+        height, width = base.size
+        sizes = [
+            base.size if s == 1.0 else (max(8, round(height * s)), max(8, round(width * s)))
+            for s in self.scales
+        ]
+        views = []
+        for size in dict.fromkeys(sizes):
+            preprocess = base if size == base.size else base.replace(size=size)
+            views += [(preprocess, flip) for flip in ((False, True) if self.hflip else (False,))]
+        return views
 
     def settings(self) -> Settings:
         return Settings(
@@ -155,7 +223,10 @@ class Localizer:
             normalize=self.normalize,
             min_area=self.min_area,
             resize=self.resize,
-            input_size=self._model.preprocess.size,
+            input_size=self.preprocess.size,
+            extras={"hflip": self.hflip, "scales": list(self.scales)}
+            if self.hflip or self.scales != (1.0,)
+            else {},
         )
 
     def __call__(
@@ -189,30 +260,89 @@ class Localizer:
         classes: Sequence[int | str] | None = None,
         cam_top_k: int = 1,
         top_k: int = 5,
+        classes_per_image: Sequence[Sequence[int | str]] | None = None,
     ) -> list[Result]:
-        """One forward pass for a batch of loaded images."""
+        """One forward pass (per view) for a batch of loaded images.
+
+        ``classes_per_image`` (one list per image, all of the same length) maps different
+        classes for each image, e.g. each image's ground-truth class, in the same pass.
+        """
         if not loaded:
             return []
-        model, preprocess = self._model, self.preprocess
-        chosen = self.resolve_classes(classes) if classes is not None else None
-        arrays = [images.resize_for_model(item.image, preprocess) for item in loaded]
-        x = images.to_tensor(arrays, preprocess).to(device=model.device, dtype=model.weight.dtype)
+        model = self._model
+        chosen = self._chosen(classes, classes_per_image, len(loaded))
+        views = self.views()
         with inference_state(model.module):
-            features = model.features(x)
-            logits = model.logits(features)
+            features = self._features(loaded, views)
+            logits = model.logits(features[0])
+            if len(features) > 1:
+                logits = torch.stack([logits, *map(model.logits, features[1:])]).mean(dim=0)
             probabilities = torch.softmax(logits.float(), dim=1)
             k = min(max(top_k, 1), model.num_classes)
             n_maps = min(max(cam_top_k, 1), model.num_classes)
             top_i = probabilities.topk(max(k, n_maps), dim=1).indices
-            if chosen is None:
-                mapped = top_i[:, :n_maps]
-            else:
-                mapped = torch.tensor(chosen, device=x.device).expand(len(loaded), -1)
-            low = cam.class_maps(features, model.weight, mapped, model.bias, model.head).float()
+            mapped = top_i[:, :n_maps] if chosen is None else chosen.to(logits.device)
+            lows = [
+                cam.class_maps(f, model.weight, mapped, model.bias, model.head).float()
+                for f in features
+            ]
+        low = lows[0] if len(lows) == 1 else cam.merge_views(lows, [f for _, f in views])
+        grid = max(range(len(views)), key=lambda v: lows[v].shape[-2] * lows[v].shape[-1])
+        preprocess = views[grid][0]
         return [
-            self._result(item, low[i : i + 1], mapped[i], logits[i], probabilities[i], top_i[i, :k])
+            self._result(
+                item,
+                low[i : i + 1],
+                mapped[i],
+                logits[i],
+                probabilities[i],
+                top_i[i, :k],
+                preprocess,
+            )
             for i, item in enumerate(loaded)
         ]
+
+    def _chosen(
+        self,
+        classes: Sequence[int | str] | None,
+        per_image: Sequence[Sequence[int | str]] | None,
+        count: int,
+    ) -> torch.Tensor | None:
+        """The N x k class indices to map, or None for each image's best classes."""
+        if classes is not None and per_image is not None:
+            raise ClassSelectionError("give classes or classes_per_image, not both")
+        if classes is not None:
+            return torch.tensor(self.resolve_classes(classes)).expand(count, -1)
+        if per_image is None:
+            return None
+        if len(per_image) != count or any(isinstance(row, (str, int)) for row in per_image):
+            raise ClassSelectionError(
+                f"classes_per_image: give one list of classes per image ({count} lists), "
+                "e.g. [[281], [285]]"
+            )
+        rows = [self.resolve_classes(row) for row in per_image]
+        if len({len(row) for row in rows}) > 1:
+            raise ClassSelectionError(
+                "classes_per_image: every image needs the same number of classes; got "
+                f"{sorted({len(row) for row in rows})}"
+            )
+        return torch.tensor(rows)
+
+    def _features(
+        self, loaded: Sequence[images.LoadedImage], views: Sequence[tuple[Preprocess, bool]]
+    ) -> list[torch.Tensor]:
+        """Feature maps of every view; mirrored views reuse their size's input tensor."""
+        model = self._model
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        features = []
+        for preprocess, flip in views:
+            x = inputs.get(preprocess.size)
+            if x is None:
+                arrays = [images.resize_for_model(item.image, preprocess) for item in loaded]
+                x = images.to_tensor(arrays, preprocess)
+                x = inputs[preprocess.size] = x.to(device=model.device, dtype=model.weight.dtype)
+            features.append(model.features(x.flip(-1) if flip else x))
+        return features
 
     def _result(
         self,
@@ -222,6 +352,7 @@ class Localizer:
         logits: torch.Tensor,
         probabilities: torch.Tensor,
         top: torch.Tensor,
+        preprocess: Preprocess,
     ) -> Result:
         names = self._model.class_names
 
@@ -231,7 +362,7 @@ class Localizer:
             )
 
         width, height = item.size
-        _, region = images.fit_region(width, height, self.preprocess)
+        _, region = images.fit_region(width, height, preprocess)
         up = cam.normalize(cam.upsample(low, (height, width), region), self.normalize)[0]
         normalized = tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
         low_np = low[0].cpu().numpy()

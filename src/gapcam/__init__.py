@@ -14,21 +14,26 @@ if TYPE_CHECKING:
     from gapcam.boxes import box_iou, boxes_from_map, boxes_from_mask
     from gapcam.errors import (
         ClassSelectionError,
+        DatasetError,
         GapcamError,
         ImageError,
         ModelError,
         OutputError,
+        TrainingError,
         UnsupportedModelError,
     )
     from gapcam.explain import Localizer, Result
     from gapcam.images import load_image
     from gapcam.models import GapModel, build_model, from_module
+    from gapcam.models.checkpoint import load_checkpoint
+    from gapcam.train import TrainConfig, train_classifier
     from gapcam.types import Box, ClassMap, Prediction, Preprocess
 
 _LOCATIONS = {
     "Box": "gapcam.types",
     "ClassMap": "gapcam.types",
     "ClassSelectionError": "gapcam.errors",
+    "DatasetError": "gapcam.errors",
     "GapModel": "gapcam.models",
     "GapcamError": "gapcam.errors",
     "ImageError": "gapcam.errors",
@@ -38,13 +43,17 @@ _LOCATIONS = {
     "Prediction": "gapcam.types",
     "Preprocess": "gapcam.types",
     "Result": "gapcam.explain",
+    "TrainConfig": "gapcam.train",
+    "TrainingError": "gapcam.errors",
     "UnsupportedModelError": "gapcam.errors",
     "box_iou": "gapcam.boxes",
     "boxes_from_map": "gapcam.boxes",
     "boxes_from_mask": "gapcam.boxes",
     "build_model": "gapcam.models",
     "from_module": "gapcam.models",
+    "load_checkpoint": "gapcam.models.checkpoint",
     "load_image": "gapcam.images",
+    "train_classifier": "gapcam.train",
 }
 
 __all__ = sorted([*_LOCATIONS, "__version__"])

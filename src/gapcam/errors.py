@@ -5,6 +5,9 @@
     ├── ModelError              unknown model, unsupported architecture, weights that cannot be had
     │   └── UnsupportedModelError   the network is not GAP + one linear layer, so it has no exact CAM
     ├── ClassSelectionError     a requested class index or name does not exist in the model
+    ├── DatasetError            a dataset cannot be used: no classes, empty or mismatched classes,
+    │                           malformed annotations (each listed with file:line)
+    ├── TrainingError           training cannot start or go on: bad settings, a run folder in the way
     └── OutputError             an output would overwrite an input or an existing file
 
 Every message names the file or argument, shows the value received and says how to fix it.
@@ -32,6 +35,14 @@ class UnsupportedModelError(ModelError):
 
 class ClassSelectionError(GapcamError):
     """A requested class (index or name) is not one of the model's classes."""
+
+
+class DatasetError(GapcamError):
+    """A dataset (image folder or annotations) cannot be used as it is."""
+
+
+class TrainingError(GapcamError):
+    """Training cannot start or continue: conflicting settings, an existing run, no progress."""
 
 
 class OutputError(GapcamError):

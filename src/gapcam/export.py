@@ -10,9 +10,9 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -55,8 +55,13 @@ def _identity(path: Path) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``target`` through a temporary file in the same folder."""
+def _fill(stream: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to an open file (tests replace this to simulate a full disk)."""
+    stream.write(data)
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file next to ``target``, flushed to disk; removed on error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
@@ -65,9 +70,43 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
     try:
         os.fchmod(handle, FILE_MODE)
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            _fill(stream, data)
             stream.flush()
             os.fsync(stream.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def atomic_write_all(files: Mapping[Path, bytes]) -> None:
+    """Replace several files together: every one is first written in full to a temporary file
+    (where a full disk or any other write error stops everything, leaving the old files as they
+    were), and only then are all renamed into place."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for target, data in files.items():
+            try:
+                temps.append((_write_temp(target, data), target))
+            except OSError as exc:
+                raise OutputError(
+                    f"{target}: cannot write ({exc.strerror or exc}); no file was replaced"
+                ) from exc
+        for temp, target in temps:
+            try:
+                os.replace(temp, target)
+            except OSError as exc:
+                raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
+
+
+def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``target`` through a temporary file in the same folder."""
+    temp = None
+    try:
+        temp = _write_temp(target, data)
         if overwrite:
             os.replace(temp, target)
         else:
@@ -79,7 +118,7 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        if temp.exists():
+        if temp is not None and temp.exists():
             temp.unlink()
     return target
 

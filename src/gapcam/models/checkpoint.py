@@ -4,6 +4,8 @@
 of the backbone was trained too, those tensors under ``backbone.<name>``. ``gapcam.json`` holds
 the backbone's name and weights, the class names, the preprocessing, metrics and the version.
 A run loads with ``load_checkpoint(run)``: build the backbone, swap in the head, load tensors.
+``gapcam.train`` writes runs (``checkpoint_files`` gives the bytes; no I/O in this module
+besides reading).
 """
 
 from __future__ import annotations
@@ -59,18 +61,26 @@ def trained_tensors(model: GapModel, backbone_names: Sequence[str] = ()) -> dict
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def write_checkpoint(
-    run: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]
-) -> None:
-    """Write the run's tensors and metadata atomically (temp file, then rename)."""
+def checkpoint_files(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]
+) -> dict[str, bytes]:
+    """The bytes of ``model.safetensors`` and ``gapcam.json`` for a run (no I/O here).
+
+    ``gapcam.json`` records the sha256 of ``model.safetensors``, so a mismatched pair (a run
+    folder changed or copied in part) is detected when loading. Write both together, each to a
+    temporary name first and then renamed (``gapcam.export.atomic_write_all``), so that a full
+    disk leaves the previous run intact.
+    """
+    import hashlib
+
     from safetensors.torch import save
 
     from gapcam._version import __version__
-    from gapcam.export import atomic_write
 
+    data = save({k: v.contiguous() for k, v in tensors.items()})
     document = {"format": FORMAT, "gapcam_version": __version__, **metadata}
-    atomic_write(run / TENSORS, save(dict(tensors)), overwrite=True)
-    atomic_write(run / METADATA, (json.dumps(document, indent=2) + "\n").encode(), overwrite=True)
+    document["tensors_sha256"] = hashlib.sha256(data).hexdigest()
+    return {TENSORS: data, METADATA: (json.dumps(document, indent=2) + "\n").encode()}
 
 
 def read_metadata(run: Path) -> dict[str, Any]:
@@ -93,19 +103,13 @@ def read_metadata(run: Path) -> dict[str, Any]:
 
 def load_checkpoint(run: str | Path) -> GapModel:
     """The GapModel of a training run folder (backbone + trained head and tensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from gapcam.models.registry import build_model
 
     run = Path(run)
     meta = read_metadata(run)
     model = build_model(meta["backbone"], meta.get("backbone_weights"))
     model = replace_classifier(model, meta["class_names"])
-    try:
-        tensors = load_file(str(run / TENSORS), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
+    tensors = _read_tensors(run, meta.get("tensors_sha256"))
     _load_head(model, tensors, run)
     backbone = {
         k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")
@@ -122,6 +126,28 @@ def load_checkpoint(run: str | Path) -> GapModel:
     model.name = f"{meta['backbone']}+{run.name}"
     model.source = "checkpoint"
     return model
+
+
+def _read_tensors(run: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The run's tensors (safetensors: nothing unpickled), checked against gapcam.json's hash."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = (run / TENSORS).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ModelError(
+            f"--checkpoint {run}: {TENSORS} does not match {METADATA} (sha256 differs); the "
+            "run folder was changed or only partly copied; train again or copy it in full"
+        )
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
 
 
 def _load_head(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Path) -> None:

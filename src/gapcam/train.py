@@ -1,0 +1,339 @@
+"""``gapcam train``: a GAP + linear classifier for the user's own classes, in a run folder.
+
+Fast path (the default): the backbone stays frozen, each image's pooled features are computed
+once (and cached on disk, see ``gapcam.feature_cache``), and only the linear head is trained:
+many epochs cost seconds. ``finetune="last-stage"`` then also trains the backbone's last stage
+with augmentation (see ``gapcam.finetune``), starting from the trained head.
+
+The run folder (see ``gapcam.models.checkpoint``) holds ``model.safetensors`` + ``gapcam.json``
+(the best epoch on the validation split: what ``gapcam localize --checkpoint RUN`` and
+``load_checkpoint`` use), ``train_state.safetensors`` (the last epoch and the optimizer, for
+``resume``), ``curve.png``, ``confusion.png`` and ``overlays/`` (CAMs of a few val images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gapcam import train_loop
+from gapcam.errors import ModelError, TrainingError
+from gapcam.feature_cache import Extracted, FeatureCache, default_cache_dir, model_key
+from gapcam.feature_cache import pooled_features as _pooled_features
+from gapcam.finetune import MODES, fit_last_stage
+from gapcam.models.base import GapModel
+from gapcam.models.checkpoint import METADATA, read_metadata, replace_classifier
+from gapcam.train_data import Dataset, discover
+from gapcam.train_loop import LoopState, Standardizer
+from gapcam.train_output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
+
+#: Settings that define a run: on ``resume`` they come from the run, and may not be changed.
+DEFAULTS: dict[str, Any] = {
+    "model": "efficientnet_lite0",
+    "weights": None,
+    "finetune": "none",
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 1e-2,
+    "batch_size": 32,
+    "val_fraction": 0.2,
+    "seed": 0,
+}
+HEAD_EPOCHS, FINETUNE_EPOCHS = 100, 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``gapcam train`` was asked to do. ``None`` means the default (or, on ``resume``,
+    the run's own value); see ``DEFAULTS``."""
+
+    data: Path
+    out: Path
+    model: str | None = None
+    weights: str | None = None
+    finetune: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    val_fraction: float | None = None
+    seed: int | None = None
+    epochs: int | None = None
+    patience: int = 10
+    cache_dir: Path | None = None
+    cache: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    overlays: int = 8
+    device: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:  # accept str paths from Python callers
+        for name in ("data", "out", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
+
+def train_classifier(data: str | Path, out: str | Path, **options: Any) -> TrainReport:
+    """Train on the image folder ``data`` into the run folder ``out`` (Python API).
+
+    ``options`` are the fields of ``TrainConfig`` (``model=``, ``epochs=``, ``finetune=``,
+    ``resume=``, ...). Load the result with ``gapcam.load_checkpoint(out)``.
+    """
+    return run_training(TrainConfig(Path(data), Path(out), **options), echo=lambda _: None)
+
+
+def run_training(config: TrainConfig, echo: Echo = print) -> TrainReport:
+    previous = _check_out(config)
+    settings = _resolve(config, previous)
+    dataset = discover(config.data, settings["val_fraction"], settings["seed"])
+    if previous is not None and list(previous["class_names"]) != list(dataset.class_names):
+        raise TrainingError(
+            f"--resume: the run's classes {list(previous['class_names'])} differ from the data's "
+            f"{list(dataset.class_names)}; start a new run (another --out, or --overwrite)"
+        )
+    model = _backbone(settings, dataset.class_names, config.device)
+    counts = ", ".join(f"{n} {c['train']}/{c['val']}" for n, c in dataset.counts().items())
+    echo(f"classes (train/val images): {counts}  [{dataset.layout}]")
+    run = _features(config, settings, dataset, model, echo)
+    if previous is not None:
+        run.phases = _restore_phases(previous, config.out)
+        run.norm = Standardizer(*_norm_tensors(config.out))
+        if previous.get("dataset", {}).get("sha256") != dataset_digest(run):
+            echo("note: the images changed since the run started; resuming on the current ones")
+    interrupted = False
+    started = time.perf_counter()
+    try:
+        _fit(run, model, echo)
+    except KeyboardInterrupt:
+        interrupted = True
+        run.phases = {name: state for name, state in run.phases.items() if state.best}
+        if not run.phases:  # not one epoch done: nothing worth saving
+            raise
+        echo("interrupted: saving the run as it stands; continue it with --resume")
+    run.timings["training_s"] = time.perf_counter() - started
+    return write_run(run, model, echo, interrupted)
+
+
+def _check_out(config: TrainConfig) -> dict[str, Any] | None:
+    """Refuse to clobber a run; on ``resume``, the run's gapcam.json."""
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: is a file; give a folder for the run")
+    if config.resume and config.overwrite:
+        raise TrainingError("--resume and --overwrite: give one or the other")
+    if config.data.resolve() in (out.resolve(), *out.resolve().parents):
+        raise TrainingError(
+            f"--out {out}: is inside the data folder {config.data}, where it would be read as "
+            "a class; choose a folder outside it"
+        )
+    holds_run = (out / METADATA).exists() or (out / STATE).exists()
+    if config.resume:
+        if not holds_run:
+            raise TrainingError(
+                f"--resume: {out} holds no training run ({METADATA}); drop --resume to start one"
+            )
+        try:
+            document = read_metadata(out)
+        except ModelError as exc:
+            raise TrainingError(f"--resume: {exc}") from exc
+        if "training" not in document or not (out / STATE).is_file():
+            raise TrainingError(f"--resume: {out} has no {STATE}; it cannot be continued")
+        return document
+    if holds_run and not config.overwrite:
+        raise TrainingError(
+            f"--out {out}: already holds a training run ({METADATA}); pass --resume to continue "
+            "it or --overwrite to replace it, or choose another --out"
+        )
+    if out.is_dir() and not holds_run and any(out.iterdir()) and not config.overwrite:
+        raise TrainingError(
+            f"--out {out}: folder is not empty and holds no gapcam run; choose a new or empty "
+            "folder, or pass --overwrite to write the run into it"
+        )
+    return None
+
+
+def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, Any]:
+    stored = previous["training"]["settings"] if previous else {}
+    settings = {}
+    for key, default in DEFAULTS.items():
+        given = getattr(config, key)
+        if key == "weights" and given not in (None, "random"):
+            given = str(Path(given).resolve())  # a resumed run may start from another folder
+        if stored and given is not None and given != stored.get(key):
+            raise TrainingError(
+                f"--resume: --{key.replace('_', '-')} {given} differs from the run's "
+                f"{stored.get(key)}; leave it out to continue, or start a new run"
+            )
+        settings[key] = given if given is not None else stored.get(key, default)
+    if settings["finetune"] not in MODES:
+        raise TrainingError(f"--finetune {settings['finetune']}: use one of {', '.join(MODES)}")
+    if settings["optimizer"] not in train_loop.OPTIMIZERS:
+        raise TrainingError(
+            f"--optimizer {settings['optimizer']}: use {' or '.join(train_loop.OPTIMIZERS)}"
+        )
+    for key in ("lr", "batch_size"):
+        if not settings[key] > 0:
+            raise TrainingError(f"--{key.replace('_', '-')} {settings[key]:g}: must be positive")
+    if (config.epochs is not None and config.epochs < 1) or config.patience < 1:
+        raise TrainingError(f"--epochs {config.epochs} / --patience {config.patience}: use >= 1")
+    return settings
+
+
+def _backbone(settings: dict[str, Any], names: tuple[str, ...], device: str | None) -> GapModel:
+    from gapcam.models.registry import build_model
+
+    weights = settings["weights"]
+    if weights == "random":
+        raise TrainingError(
+            "--weights random: a randomly initialised backbone cannot be rebuilt from the run "
+            "folder; train on pretrained weights (the default) or a weights file"
+        )
+    model = build_model(settings["model"], weights)
+    if model.head != "linear":
+        raise TrainingError(
+            f"--model {settings['model']}: its classifier is a 1x1 convolution + ReLU before the "
+            "pooling, not a linear layer on pooled features; gapcam train needs a linear head"
+        )
+    model = replace_classifier(model, names)
+    if device is not None:
+        model.module.to(device)
+    return model
+
+
+def _features(
+    config: TrainConfig, settings: dict[str, Any], dataset: Dataset, model: GapModel, echo: Echo
+) -> RunData:
+    started = time.perf_counter()
+    cache = None
+    cache_info: dict[str, Any] = {"enabled": config.cache}
+    if config.cache:
+        key = model_key(model)
+        cache = FeatureCache(config.cache_dir or default_cache_dir(), key, model.num_features)
+        cache_info |= {"folder": str(cache.folder), "model_key": key}
+    kwargs = {"batch_size": settings["batch_size"], "quiet": config.quiet}
+    train = _pooled_features(model, dataset.train, cache, label="features (train)", **kwargs)
+    val = _pooled_features(model, dataset.val, cache, label="features (val)", **kwargs)
+    seconds = time.perf_counter() - started
+    hits, misses = train.hits + val.hits, train.misses + val.misses
+    cache_info |= {"hits": hits, "misses": misses}
+    if cache is not None and cache.notes:
+        cache_info["notes"] = cache.notes
+        for note in cache.notes:
+            echo(f"note: {note}")
+    echo(
+        f"features: {hits + misses} images ({hits} from the cache), {seconds:.1f} s "
+        f"[{settings['model']}, {model.num_features} per image]"
+    )
+    _check_readable(dataset, train, val)
+    norm = Standardizer.fit(train.features)
+    timings = {"features_s": seconds}
+    return RunData(config, settings, dataset, train, val, norm, {}, timings, cache_info)
+
+
+def _check_readable(dataset: Dataset, train: Extracted, val: Extracted) -> None:
+    from gapcam.errors import DatasetError
+
+    present = set(train.labels.tolist())
+    lost = [n for i, n in enumerate(dataset.class_names) if i not in present]
+    if lost:
+        raise DatasetError(
+            f"{dataset.root}: no readable training image left for class(es) {', '.join(lost)} "
+            f"({len(train.failed)} unreadable images skipped); fix or replace them"
+        )
+    if len(val.labels) == 0:
+        raise DatasetError(f"{dataset.root}: no readable validation image; add some")
+
+
+def _fit(run: RunData, model: GapModel, echo: Echo) -> None:
+    config, settings = run.config, run.settings
+    finetune = settings["finetune"] == "last-stage"
+    head_epochs = config.epochs if config.epochs is not None and not finetune else HEAD_EPOCHS
+    base = {k: settings[k] for k in ("optimizer", "lr", "weight_decay", "batch_size", "seed")}
+    head = train_loop.Settings(epochs=head_epochs, patience=config.patience, **base)
+    state = run.phases.setdefault("head", LoopState("head"))
+    if "finetune" not in run.phases:
+        train = (run.norm(run.train.features), run.train.labels)
+        val = (run.norm(run.val.features), run.val.labels)
+        train_loop.fit_head(
+            train, val, model.num_classes, head, state, _reporter(echo, config.quiet, 10)
+        )
+    if not finetune:
+        return
+    tune = dataclasses.replace(head, epochs=config.epochs or FINETUNE_EPOCHS)
+    if "finetune" not in run.phases:
+        run.phases["finetune"] = LoopState("finetune", last=dict(state.best))
+    items = list(zip(run.train.paths, run.train.labels.tolist(), strict=True))
+    val_items = list(zip(run.val.paths, run.val.labels.tolist(), strict=True))
+    fit_last_stage(
+        model,
+        items,
+        val_items,
+        run.norm,
+        tune,
+        run.phases["finetune"],
+        _reporter(echo, config.quiet, 1),
+        config.quiet,
+    )
+
+
+def _reporter(echo: Echo, quiet: bool, every: int) -> train_loop.Report:
+    def report(state: LoopState, better: bool) -> None:
+        row = state.history[-1]
+        if quiet or not (row["epoch"] % every == 0 or row["epoch"] == 1):
+            return
+        echo(
+            f"{state.phase:>8} epoch {row['epoch']:>3}  train loss {row['train_loss']:.3f} "
+            f"acc {row['train_accuracy']:6.1%}  val loss {row['val_loss']:.3f} "
+            f"acc {row['val_accuracy']:6.1%}{'  (best so far)' if better else ''}"
+        )
+
+    return report
+
+
+def _restore_phases(previous: dict[str, Any], out: Path) -> dict[str, LoopState]:
+    tensors = _state_tensors(out)
+    phases = previous["training"].get("phases", {})
+    return {name: LoopState.restore(doc, tensors) for name, doc in phases.items()}
+
+
+def _norm_tensors(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = _state_tensors(out)
+    return tensors["norm.mean"], tensors["norm.std"]
+
+
+def _state_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(out / STATE), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TrainingError(f"--resume: cannot read {out / STATE} ({exc})") from exc
+
+
+def run_train(args: Any) -> int:
+    """``gapcam train``: exit 0, or 1 when unreadable images were skipped (the run is complete
+    without them), 130 when interrupted (the run so far is saved: continue with --resume)."""
+    import sys
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out", "cache_dir"}
+    options = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    config = TrainConfig(Path(args.data), Path(args.out), cache_dir=cache_dir, **options)
+    report = run_training(config, echo=print)
+    skipped = len(report.skipped)
+    print(
+        f"gapcam: trained {len(report.model.class_names)} classes, val accuracy "
+        f"{report.metrics['val_accuracy']:.1%}, {skipped} image(s) skipped",
+        file=sys.stderr,
+    )
+    if report.interrupted:
+        return 130
+    return 1 if skipped else 0

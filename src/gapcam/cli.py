@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gapcam {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_localize(commands)
+    _add_evaluate(commands)
+    _add_serve(commands)
+    _add_train(commands)
     models = commands.add_parser(
         "models",
         help="list the models and whether each works offline",
@@ -142,6 +145,177 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = commands.add_parser(
+        "serve",
+        help="a web page (and JSON API) to explore CAMs; needs gapcam[web]",
+        description="Serve one page: upload an image, see the top-5 classes, switch between "
+        "their CAMs, move the opacity and box-threshold sliders, download the overlay and JSON. "
+        "The same features are a JSON API (POST /api/localize, schema at /openapi.json).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  gapcam serve\n  gapcam serve --port 8080 --model resnet50\n"
+        "  gapcam serve --host 0.0.0.0   # reachable from other machines: explicit only\n",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port, 0 = any free (default: 8000)")
+    p.add_argument(
+        "--model", default="efficientnet_lite0", help="model name (default: %(default)s)"
+    )
+    p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=25_000_000,
+        help="refuse images with more pixels, before decoding (default: 25,000,000)",
+    )
+
+
+TRAIN_EXAMPLES = """examples:
+  gapcam synth shapes/ --classes 4 --per-class 60
+  gapcam train shapes/ --out shapes-run/
+  gapcam localize shapes/val/star --checkpoint shapes-run/
+  gapcam train photos/ --model resnet50 --out run/ --finetune last-stage --epochs 5
+  gapcam train photos/ --out run/ --resume --epochs 200
+"""
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = commands.add_parser(
+        "train",
+        help="train a GAP classifier head on your own classes (then localize them)",
+        description="Train a linear head on a pretrained backbone for the classes of an image "
+        "folder (DATA/<class>/*.jpg, or DATA/train/<class>/ + DATA/val/<class>/). By default "
+        "the backbone is frozen and its pooled features are computed once and cached, so "
+        "training takes seconds once the features exist. The best epoch on the validation "
+        "split is saved to --out (safetensors + JSON), with a training curve, a confusion "
+        "matrix and CAM overlays of a few validation images. Exit code 1: some images were "
+        "unreadable and skipped (listed); 130: interrupted, the run so far is saved.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EXAMPLES,
+    )
+    p.add_argument("data", help="image folder, one subfolder per class")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder to create")
+    p.add_argument(
+        "--model", metavar="M", help="backbone (default: efficientnet_lite0); see `gapcam models`"
+    )
+    p.add_argument(
+        "--weights", metavar="FILE", help="backbone weights file instead of the pretrained ones"
+    )
+    p.add_argument(
+        "--finetune",
+        choices=("none", "last-stage"),
+        help="none: head only, frozen backbone (default); last-stage: then also train the "
+        "backbone's last stage, with augmentation (slower: every epoch runs the network)",
+    )
+    p.add_argument(
+        "--epochs", type=_positive, metavar="N", help="max epochs (default: 100, finetune: 10)"
+    )
+    p.add_argument(
+        "--patience", type=_positive, default=10, metavar="N", help="early stopping (default: 10)"
+    )
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="default: adamw")
+    p.add_argument("--lr", type=float, help="learning rate of the head (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, metavar="WD", help="default: 0.01")
+    p.add_argument("--batch-size", type=_positive, metavar="N", help="default: 32")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="val share per class without val/ (default: 0.2)",
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="N", help="split, shuffling and augmentation seed (default: 0)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="feature cache (default: $GAPCAM_CACHE_DIR or ~/.cache/gapcam)",
+    )
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="do not cache features")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument(
+        "--overlays", type=int, default=8, metavar="N", help="val overlays to write (default: 8)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    s = commands.add_parser(
+        "synth",
+        help="write a synthetic dataset of shapes on clutter, with their true boxes",
+        description="Shapes (circle, square, triangle, star, stripes, cross) at random "
+        "positions, sizes, rotations and colours on cluttered backgrounds: OUT/train/<class>/, "
+        "OUT/val/<class>/ and a boxes.csv (path,label,x0,y0,x1,y1) in each split.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EXAMPLES,
+    )
+    s.add_argument("out", help="folder to create")
+    s.add_argument("--classes", type=_positive, default=3, help="2 to 6 (default: 3)")
+    s.add_argument("--per-class", type=_positive, default=40, help="train images per class")
+    s.add_argument("--val-per-class", type=_positive, help="default: per-class / 4 (min 2)")
+    s.add_argument("--size", type=_positive, default=160, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset made by synth")
+
+
+EVALUATE_EXAMPLES = """examples:
+  gapcam evaluate ../shared/data/ilsvrc-val-dev
+  gapcam evaluate data/ --json eval.json --plot eval.png
+  gapcam evaluate boxes.csv --model resnet50 --limit 100
+  gapcam evaluate VOC2012/ --split val --preset best --skip-invalid
+"""
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = commands.add_parser(
+        "evaluate",
+        help="measure localization on box-annotated images (MaxBoxAcc, top-1 loc, ...)",
+        description="Classify every image, compute the CAM of its ground-truth class in the "
+        "same forward pass, and score boxes against the annotations: top-1/top-5 "
+        "classification, GT-known/top-1/top-5 localization at --threshold, MaxBoxAcc and "
+        "MaxBoxAccV2 (Choe et al., CVPR 2020) over thresholds 0.00..0.99, PxAP with masks. "
+        "DATA: wsolevaluation metadata, a VOC/ImageNet XML folder, or a CSV file of "
+        "path,label,x0,y0,x1,y1 rows (docs/evaluate.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVALUATE_EXAMPLES,
+    )
+    p.add_argument("data", metavar="DATA", help="dataset folder or CSV file")
+    p.add_argument("--layout", choices=("auto", "wsol", "voc", "csv"), default="auto")
+    p.add_argument("--split", help="wsol split folder, VOC ImageSets/Main/SPLIT.txt, CLS-LOC/SPLIT")
+    p.add_argument("--images", metavar="DIR", help="folder image paths are relative to")
+    p.add_argument(
+        "--model", default="efficientnet_lite0", help="model name (default: %(default)s)"
+    )
+    p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
+    p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
+    p.add_argument(
+        "--threshold",
+        type=_fraction,
+        default=0.2,
+        help="box threshold for the fixed-threshold localization accuracies (default: %(default)s)",
+    )
+    p.add_argument("--preset", choices=("cam", "fine", "best"), help="measured view settings")
+    p.add_argument("--input-size", type=_positive, help="square network input side in pixels")
+    p.add_argument("--hflip", action="store_true", help="average with the mirrored image's CAM")
+    p.add_argument(
+        "--scales", type=float, nargs="+", metavar="S", help="average CAMs over input sizes"
+    )
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE, or -")
+    p.add_argument("--plot", metavar="PNG", help="write box accuracy vs threshold as PNG")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--limit", type=_positive, metavar="N", help="only the first N images")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave out images with bad annotations (listed in the output) instead of stopping",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -150,6 +324,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gapcam.run import run_localize
 
             return run_localize(args)
+        if args.command == "serve":
+            from gapcam.web.serve import run_serve
+
+            return run_serve(args)
+        if args.command in ("train", "synth"):
+            from gapcam.synthetic import run_synth
+            from gapcam.train import run_train
+
+            return run_train(args) if args.command == "train" else run_synth(args)
+        if args.command == "evaluate":
+            from gapcam.evaluate_report import run_evaluate
+
+            return run_evaluate(args)
         if args.command == "models":
             return _models(args.all)
         if args.command == "summary":
@@ -190,9 +377,11 @@ def _classes(model_name: str, grep: str | None) -> int:
     from gapcam.models import build_model
 
     model = build_model(model_name, "random" if model_name != "efficientnet_lite0" else None)
-    for index, name in enumerate(model.class_names):
-        if grep is None or grep.lower() in name.lower():
-            print(f"{index:>5}  {name}")
+    aliases = model.aliases or model.class_names
+    for index, (name, alias) in enumerate(zip(model.class_names, aliases, strict=True)):
+        if grep is None or grep.lower() in f"{name}, {alias}".lower():
+            shown = f"{name}  ({alias})" if alias != name else name
+            print(f"{index:>5}  {shown}")
     return EXIT_OK
 
 

@@ -44,6 +44,8 @@ def run_localize(args: argparse.Namespace) -> int:
     if args.classes:
         localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
     guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
+    if args.json and args.json != "-":
+        guard.check(Path(args.json))  # an existing --json FILE stops the run before any work
     outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems])
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -171,7 +173,9 @@ def _progress(count: int, quiet: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=count, unit="img", file=sys.stderr, leave=False)
+    # disable=None: no bar unless stderr is a terminal (a bar in a log or pipe would glue
+    # its carriage-return updates onto the one-line error messages)
+    return tqdm(total=count, unit="img", file=sys.stderr, leave=False, disable=None)
 
 
 def _run_document(

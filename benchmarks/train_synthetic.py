@@ -29,8 +29,13 @@ THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)
 def read_boxes(split: Path) -> list[tuple[Path, str, tuple[int, int, int, int]]]:
     with (split / CSV_NAME).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
+    # the CSV is inclusive (last column/row); gapcam.boxes uses pixel edges: x1, y1 + 1
     return [
-        (split / r["path"], r["label"], tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")))
+        (
+            split / r["path"],
+            r["label"],
+            (int(r["x0"]), int(r["y0"]), int(r["x1"]) + 1, int(r["y1"]) + 1),
+        )
         for r in rows
     ]
 

@@ -92,7 +92,8 @@ def test_box_in_csv_matches_the_object_in_the_file(tmp_path: Path) -> None:
     row = next(csv.DictReader((tmp_path / "val" / CSV_NAME).read_text().splitlines()))
     sample = render_sample("circle", 64, np.random.default_rng([3, 1, 0, 0]))
     assert row["path"] == "circle/circle-0000.png"
-    assert tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")) == sample.box
+    x0, y0, x1, y1 = sample.box  # pixel-edge in memory, inclusive in the CSV
+    assert tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")) == (x0, y0, x1 - 1, y1 - 1)
     with Image.open(tmp_path / "val" / row["path"]) as image:
         assert np.array_equal(np.asarray(image), np.asarray(sample.image))
 

@@ -234,6 +234,7 @@ def box_accuracies(run: Path, split: Path) -> tuple[float, float, float]:
     with (split / CSV_NAME).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     truths = np.array([[int(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in rows], float)
+    truths[:, 2:] += 1  # the CSV is inclusive; gapcam.boxes uses pixel edges
     localizer = gapcam.Localizer(gapcam.load_checkpoint(run))
     thresholds = np.arange(0.0, 1.0, 0.01)
     hits = np.zeros(len(thresholds))

@@ -12,8 +12,10 @@ Layout written under ``OUT``::
     OUT/synth.json                            the settings, for the record
 
 ``boxes.csv`` has a header line ``path,label,x0,y0,x1,y1`` and one row per image: the path
-relative to the CSV's folder, the class name, and the true box in pixel-edge coordinates
-(``x1``/``y1`` exclusive, as in ``gapcam.boxes``): the tight box of the drawn object's pixels.
+relative to the CSV's folder, the class name, and the tight box of the drawn object's pixels in
+inclusive pixel coordinates (``x1``/``y1`` are the last column/row of the object), the
+convention of the CSV layout that ``gapcam evaluate`` reads (wsolevaluation's). In memory,
+``Sample.box`` uses gapcam's pixel-edge convention (``x1``/``y1`` exclusive, see ``gapcam.boxes``).
 Every image comes from its own seeded generator (seed, split, class, index), so the same seed
 gives the same files, and asking for more images keeps the first ones unchanged.
 """
@@ -194,7 +196,8 @@ def generate(
                 sample = render_sample(name, size, rng)
                 relative = f"{name}/{name}-{index:04d}.png"
                 atomic_write(root / split / relative, encode_image(sample.image), overwrite=True)
-                rows.append(",".join([relative, name, *map(str, sample.box)]))
+                x0, y0, x1, y1 = sample.box
+                rows.append(",".join([relative, name, *map(str, (x0, y0, x1 - 1, y1 - 1))]))
         atomic_write(root / split / CSV_NAME, ("\n".join(rows) + "\n").encode(), overwrite=True)
         counts[split] = count * len(names)
     settings = {"classes": list(names), "per_class": per_class, "val_per_class": val_count}

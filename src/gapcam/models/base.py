@@ -149,6 +149,16 @@ def inference_state(module: nn.Module) -> Iterator[None]:
             submodule.training = flag
 
 
+def same_logits(expected: object, ours: torch.Tensor | None) -> bool:
+    """Whether the network's own output equals gapcam's logits (the GAP + linear identity)."""
+    return (
+        isinstance(expected, torch.Tensor)
+        and ours is not None
+        and expected.shape == ours.shape
+        and torch.allclose(expected, ours, rtol=1e-4, atol=1e-4)
+    )
+
+
 def verify_head(model: GapModel, head_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Check that ``head_fn`` (the network's own head, features -> logits) is GAP + linear.
 
@@ -169,12 +179,7 @@ def verify_head(model: GapModel, head_fn: Callable[[torch.Tensor], torch.Tensor]
             ours = model.logits(probe)
     except RuntimeError:  # the head does not even take features of the classifier's width
         expected = ours = None
-    if (
-        expected is None
-        or ours is None
-        or expected.shape != ours.shape
-        or not torch.allclose(expected, ours, rtol=1e-4, atol=1e-4)
-    ):
+    if not same_logits(expected, ours):
         raise UnsupportedModelError(
             f"{model.name}: its head is not global average pooling + one linear layer "
             "(something after the pooling, e.g. a norm, an activation or another dense layer, "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gapcam.errors import ModelError, UnsupportedModelError
-from gapcam.models.base import GapModel, inference_state
+from gapcam.models.base import GapModel, inference_state, same_logits
 from gapcam.types import Preprocess
 
 
@@ -115,11 +115,7 @@ def _validate(model: GapModel) -> None:
             )
         expected = model.module(probe)
         ours = model.logits(features)
-    if (
-        not isinstance(expected, torch.Tensor)
-        or expected.shape != ours.shape
-        or not torch.allclose(expected, ours, rtol=1e-4, atol=1e-4)
-    ):
+    if not same_logits(expected, ours):
         raise UnsupportedModelError(
             f"{model.name}: the model's output is not W . GAP(features) + b for the chosen "
             "layers, so a class activation map would not explain it; check features= and "

@@ -121,7 +121,7 @@ def format_table(report: dict[str, Any]) -> str:
     timing = report["timing"]
     lines.append(
         f"  time {timing['seconds']:.1f} s ({timing['per_image'] * 1000:.0f} ms/image, of which "
-        f"scoring and threshold sweep {timing['scoring_seconds'] / data['images'] * 1000:.1f})"
+        f"scoring and threshold sweep {timing['scoring_seconds'] / data['images'] * 1000:.1f} ms)"
     )
     if data["skipped"]:
         lines.append(f"  LEFT OUT (--skip-invalid), {len(data['skipped'])} problem(s):")

@@ -43,11 +43,23 @@ class OutputGuard:
         if target.exists() and _identity(target) in self.protected:
             raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")
         if target.exists() and not self.overwrite:
-            raise OutputError(f"{target}: already exists; pass --overwrite or choose another --out")
+            raise OutputError(f"{target}: already exists; pass --overwrite or choose another name")
+        check_folder(target.parent)
 
     def write_bytes(self, target: Path, data: bytes) -> Path:
         self.check(target)
         return atomic_write(target, data, overwrite=self.overwrite)
+
+
+def check_folder(folder: Path) -> None:
+    """Raise ``OutputError`` unless ``folder`` is, or can be created as, a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{existing}: is a file, not a folder; choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{existing}: folder is not writable; choose another output folder")
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -277,18 +277,27 @@ def to_tensor(arrays: Sequence[np.ndarray], preprocess: Preprocess) -> torch.Ten
     return (batch - mean) / std
 
 
-def expand_inputs(arguments: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+def expand_inputs(
+    arguments: Sequence[str], exclude: Sequence[Path] = ()
+) -> tuple[list[tuple[Path, Path]], list[str]]:
     """Expand files, folders (recursively) and globs into image paths.
 
     Returns ``(found, problems)`` where ``found`` holds ``(path, relative_name)`` pairs in a
     stable order (the relative name mirrors the folder structure under a folder argument) and
-    ``problems`` holds one message per argument that matched nothing.
+    ``problems`` holds one message per argument that matched nothing. Folder and glob
+    expansion skips anything under an ``exclude`` folder (the run's own output folder, so a
+    second run over ``.`` does not read the first run's overlays).
     """
     import glob
 
     found: list[tuple[Path, Path]] = []
     problems: list[str] = []
     seen: set[Path] = set()
+    excluded = [folder.resolve() for folder in exclude]
+
+    def outside(path: Path) -> bool:
+        resolved = path.resolve()
+        return not any(resolved.is_relative_to(folder) for folder in excluded)
 
     def add(path: Path, relative: Path) -> None:
         key = path.resolve()
@@ -300,7 +309,9 @@ def expand_inputs(arguments: Sequence[str]) -> tuple[list[tuple[Path, Path]], li
         path = Path(argument)
         if path.is_dir():
             members = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and outside(p)
             )
             if not members:
                 problems.append(f"{argument}: folder holds no image files ({_suffix_list()})")
@@ -310,7 +321,7 @@ def expand_inputs(arguments: Sequence[str]) -> tuple[list[tuple[Path, Path]], li
             add(path, Path(path.name))  # a missing file is reported when it is read
         else:
             matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
-            files = [m for m in matches if m.is_file()]
+            files = [m for m in matches if m.is_file() and outside(m)]
             if not files:
                 problems.append(f"{argument}: pattern matched no files")
             for match in files:

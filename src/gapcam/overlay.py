@@ -27,19 +27,55 @@ def colormap_lut(name: str = "jet") -> np.ndarray:
     return np.ascontiguousarray((table * 255.0).round().astype(np.uint8))
 
 
+#: Overlays are drawn with their shorter side at least MIN_SIDE and longer side at most
+#: MAX_SIDE pixels (an 8x8 icon is enlarged so its caption fits; a 100-megapixel photo is
+#: shrunk so the figure stays a figure). Boxes in results stay in original pixels.
+MIN_SIDE, MAX_SIDE = 224, 4096
+
+
 def colorize(normalized: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """H x W map in [0, 1] -> H x W x 3 uint8 through a 256-entry lookup table."""
-    index = np.clip(normalized * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return colormap_lut(cmap)[index]
+    index = np.multiply(normalized, 255.0, dtype=np.float32)
+    index += 0.5
+    np.clip(index, 0, 255, out=index)
+    return colormap_lut(cmap)[index.astype(np.uint8)]
 
 
 def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """``(1 - alpha) * image + alpha * heat`` for an RGB image and an H x W x 3 uint8 heatmap."""
+    """``(1 - alpha) * image + alpha * heat`` for an RGB image and an H x W x 3 uint8 heatmap
+    (computed by Pillow in 8 bits: no full-size float copies of large photos)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha {alpha}: must be between 0 and 1")
-    base = np.asarray(image, dtype=np.float32)
-    mixed = base * (1.0 - alpha) + heat.astype(np.float32) * alpha
-    return Image.fromarray(mixed.round().astype(np.uint8))
+    return Image.blend(image, Image.fromarray(heat), alpha)
+
+
+def display_scale(
+    size: tuple[int, int], min_side: int = MIN_SIDE, max_side: int = MAX_SIDE
+) -> float:
+    """The factor that brings an image of ``size`` (width, height) within the display bounds."""
+    width, height = size
+    if max(width, height) > max_side:
+        return max_side / max(width, height)
+    if min(width, height) < min_side:
+        return min(min_side / min(width, height), max_side / max(width, height))
+    return 1.0
+
+
+def fit_for_display(
+    image: Image.Image, normalized: np.ndarray, boxes: Sequence[Box]
+) -> tuple[Image.Image, np.ndarray, tuple[Box, ...]]:
+    """Image, map and boxes rescaled together by ``display_scale`` (unchanged when 1)."""
+    scale = display_scale(image.size)
+    if scale == 1.0:
+        return image, normalized, tuple(boxes)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    method = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+    sx, sy = size[0] / image.width, size[1] / image.height
+    resized_map = Image.fromarray(np.asarray(normalized, dtype=np.float32), "F").resize(
+        size, method
+    )
+    scaled = tuple(Box(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.area) for b in boxes)
+    return image.resize(size, method), np.asarray(resized_map), scaled
 
 
 def _line_width(image: Image.Image) -> int:
@@ -86,6 +122,7 @@ def render(
     cmap: str = "jet",
 ) -> Image.Image:
     """The CAM figure: heatmap blended on the photo, boxes, and a caption band."""
+    image, normalized, boxes = fit_for_display(image, normalized, boxes)
     out = blend(image, colorize(normalized, cmap), alpha)
     if boxes:
         out = draw_boxes(out, boxes)

@@ -100,7 +100,7 @@ class GapModel:
     def class_index(self, query: int | str) -> int:
         """Index of a class given as an index (int or digit string) or a name (any synonym)."""
         if isinstance(query, numbers.Integral) or (
-            isinstance(query, str) and query.strip().isdigit()
+            isinstance(query, str) and query.strip().lstrip("-").isdigit()
         ):
             index = int(query)
             if not 0 <= index < self.num_classes:
@@ -128,9 +128,18 @@ class GapModel:
             raise ClassSelectionError(
                 f"class {query!r}: ambiguous, matches {listed}; pass an index"
             )
-        close = difflib.get_close_matches(wanted, [n.lower() for n in self.class_names], n=5)
+        close = self._suggestions(wanted)
         hint = f"; did you mean: {', '.join(close)}?" if close else "; see `gapcam classes MODEL`"
         raise ClassSelectionError(f"class {query!r}: not a class of {self.name}{hint}")
+
+
+    def _suggestions(self, wanted: str, count: int = 5) -> list[str]:
+        """Names containing the query as a word first (``cat`` -> Egyptian cat, tiger cat...),
+        then spelling neighbours."""
+        original = {n.lower(): n for n in self.class_names}
+        words = [n for n in original if wanted in n.replace("-", " ").split()]
+        close = difflib.get_close_matches(wanted, list(original), n=count)
+        return [original[n] for n in dict.fromkeys(words + close)][:count]
 
 
 @contextlib.contextmanager

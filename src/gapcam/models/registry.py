@@ -85,6 +85,6 @@ def build_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) ->
     close = difflib.get_close_matches(plain, list(_REGISTRY), n=5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ModelError(
-        f"--model {name}: unknown model; {hint}`gapcam models` lists them, and any timm model "
+        f"model {name!r}: unknown; {hint}`gapcam models` lists them, and any timm model "
         "is available as timm:NAME"
     )

@@ -7,6 +7,9 @@ pooling (ConvNeXt, MobileNetV3, ...) is refused instead of producing a wrong map
 
 from __future__ import annotations
 
+import contextlib
+import io
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +78,7 @@ def build(name: str, weights: str | Path | None = None) -> GapModel:
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ModelError(f"timm:{name}: timm has no such model{hint}")
     if weights is None:
-        try:
-            module = timm.create_model(name, pretrained=True)
-        except (OSError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"timm:{name}: cannot fetch its pretrained weights ({first[:200]}); connect to "
-                "the internet once, or pass --weights FILE, or use efficientnet_lite0"
-            ) from exc
+        module = _pretrained(timm, name)
     else:
         state = None if weights == "random" else load_state_dict(weights)
         classes = 1000
@@ -97,6 +93,49 @@ def build(name: str, weights: str | Path | None = None) -> GapModel:
         if state is not None:
             load_into(module, state, f"--weights {weights}")
     return wrap(module, f"timm:{name}")
+
+
+def _pretrained(timm: Any, name: str) -> nn.Module:
+    """timm's pretrained model, from the local Hugging Face cache when it is there; offline
+    with no cached copy, one clear error at once (instead of the hub client's retries)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.models.is_model(name) else None
+    overlay: dict[str, str] = {}
+    if hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(hub_id, filename)
+            if isinstance(cached, str):
+                overlay = {"file": cached}
+                break
+    if not overlay and not _reachable(constants.ENDPOINT):
+        raise ModelError(
+            f"timm:{name}: its pretrained weights are not cached and the model hub cannot be "
+            "reached (offline?); connect once, or pass --weights FILE, or use efficientnet_lite0"
+        )
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held), contextlib.redirect_stdout(held):
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None)
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"timm:{name}: cannot fetch its pretrained weights ({first[:200]}); connect to "
+            "the internet once, or pass --weights FILE, or use efficientnet_lite0"
+        ) from exc
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the endpoint's host opens within ``timeout`` seconds."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _classifier_key(module: nn.Module) -> str:

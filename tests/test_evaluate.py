@@ -113,7 +113,8 @@ def test_input_size_and_scales(rednet: GapModel) -> None:
     assert abs(box.x0 - 32) <= 4
     assert abs(box.x1 - 96) <= 4
     sizes = [p.size for p, _ in Localizer(rednet, input_size=(64, 96), scales=(1.0, 1.5)).views()]
-    assert sizes == [(64, 96), (96, 144)]
+    assert sizes == [(64, 96), (96, 160)]  # 1.5 x 96 = 144, rounded to a multiple of 32
+    assert Localizer(rednet, input_size=300).preprocess.size == (288, 288)  # stride 32
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,7 @@ def test_letterbox_mode(localizer: Localizer, embedded_model, cat_path: Path) ->
         ({"threshold": 1.5}, "threshold=1.5"),
         ({"min_area": -0.1}, "min_area=-0.1"),
         ({"normalize": "softmax"}, "normalize='softmax'"),
+        ({"normalize": "none"}, "the box threshold is a fraction of the normalised map"),
         ({"resize": "crop"}, "resize='crop'"),
     ],
 )

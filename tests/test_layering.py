@@ -31,9 +31,11 @@ LAYERS: dict[str, int] = {
     "overlay": 10,
     "plots": 10,
     "models": 10,
+    "pipeline": 10,  # generic bounded thread stages; knows only the errors
     # 15: evaluation parts over the engine parts (pure numpy metrics; annotation readers)
     "metrics": 15,
     "datasets": 15,
+    "backends": 15,  # who runs GapModel.features: eager PyTorch or ONNX Runtime
     # 20: pipelines over the parts
     "explain": 20,
     "feature_cache": 20,
@@ -51,6 +53,7 @@ LAYERS: dict[str, int] = {
     "web": 40,
     "train": 40,
     "batch": 40,
+    "ray_engine": 40,  # `gapcam localize --engine ray`: the same pipeline on Ray Data
     "synthetic": 40,
     # 50: the command line dispatches to any of them
     "cli": 50,

@@ -1,0 +1,340 @@
+"""gapcam against the plain forward pass and against its peers, in one run, as one table.
+
+    python benchmarks/bench_speed.py                        # Lite0 + ResNet-50, 300 images
+    python benchmarks/bench_speed.py --models efficientnet_lite0 --limit 100 --repeat 0
+
+Every row runs in its own fresh process (so each peak RSS is its own) on the same images of
+../shared/data/ilsvrc-val-dev, batch ``--batch``, after a warm-up batch; model building and
+ONNX export are outside the timed part. Rows, per model:
+
+- ``forward eager`` / ``forward eager, malloc kept``: the module alone on preprocessed tensors
+  (glibc default vs ``gapcam.pipeline.tune_allocator``); ``forward onnx``: ONNX Runtime;
+- ``gapcam cam-only``: ``Localizer.explain`` (auto backend) on decoded images, nothing written;
+- ``gapcam files->json`` / ``files->overlays``: ``gapcam localize`` (streaming pipeline, auto
+  backend) from the files to JSON boxes (``--no-overlay``), and to PNG overlays + JSON;
+- ``torchcam CAM`` / ``grad-cam GradCAM``: the peers on the same task, files -> top-1 CAM ->
+  upsampled, min-max normalised, box at 0.2 (gapcam's box function) -> one JSON file. They need
+  ``pip install torchcam grad-cam`` (benchmark environment only, not gapcam dependencies);
+- with ``--repeat R``: ``files->json`` again on the images repeated R times (copies in a
+  temporary folder) to show that peak memory does not grow with the number of images.
+
+Ratios are to ``forward onnx`` (the limit) and to each peer. The children run with
+OMP_WAIT_POLICY=PASSIVE (as the gapcam CLI sets by default) unless it is already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ilsvrc-val-dev"
+ROWS = (
+    "forward eager",
+    "forward eager, malloc kept",
+    "forward onnx",
+    "gapcam cam-only",
+    "gapcam files->json",
+    "gapcam files->overlays",
+    "torchcam CAM",
+    "grad-cam GradCAM",
+)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--limit", type=int, default=300, help="images (default: all 300)")
+    p.add_argument("--resnet-limit", type=int, default=100, help="images for resnet50")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=10, help="memory check: N x images (0: skip)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best counts")
+    p.add_argument(
+        "--child", nargs=4, metavar=("ROW", "MODEL", "LIST", "TMP"), help=argparse.SUPPRESS
+    )
+    return p.parse_args(argv)
+
+
+# -- children: one measurement each, printed as a JSON line -------------------------------------
+def build(name: str) -> Any:
+    from gapcam.models import build_model
+
+    return build_model(name, None if name == "efficientnet_lite0" else "random")
+
+
+def tensors(model: Any, paths: Sequence[Path], batch: int) -> list[Any]:
+    from gapcam import images
+
+    loaded = [images.load_image(p) for p in paths]
+    arrays = [images.resize_for_model(item.image, model.preprocess) for item in loaded]
+    return [
+        images.to_tensor(arrays[i : i + batch], model.preprocess)
+        for i in range(0, len(arrays), batch)
+    ]
+
+
+def forward_row(row: str, model: Any, paths: Sequence[Path], batch: int) -> Callable[[], None]:
+    import torch
+
+    from gapcam.backends import make_backend
+    from gapcam.pipeline import tune_allocator
+
+    if row.endswith("malloc kept"):
+        tune_allocator()
+    backend = make_backend(model, "onnx" if row.endswith("onnx") else "eager")
+    inputs = tensors(model, paths, batch)
+    model.module.eval()
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x in inputs:
+                model.logits(backend.features(x))
+
+    return run
+
+
+def cam_only_row(model: Any, paths: Sequence[Path], batch: int) -> Callable[[], None]:
+    from gapcam import images
+    from gapcam.explain import Localizer
+    from gapcam.pipeline import tune_allocator
+
+    tune_allocator()
+    localizer = Localizer(model, backend="auto")
+    loaded = [images.load_image(p) for p in paths]
+    return lambda: [localizer.explain(loaded[i : i + batch]) for i in range(0, len(loaded), batch)]
+
+
+def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callable[[], None]:
+    from gapcam import cli, run
+
+    folder = Path(listing.read_text().split("\n", 1)[0])
+    argv = ["--model", name, "--batch-size", str(batch), "-q"]
+    if name != "efficientnet_lite0":
+        from safetensors.torch import save_file
+
+        save_file(build(name).module.state_dict(), str(tmp / "w.safetensors"))
+        argv += ["--weights", str(tmp / "w.safetensors")]
+    if row.endswith("json"):
+        argv.append("--no-overlay")
+    parser = cli.build_parser()
+    runs = iter(range(1000))
+
+    def once() -> None:
+        i = next(runs)
+        out = ["--out", str(tmp / f"out{i}"), "--json", str(tmp / f"r{i}.json")]
+        run.run_localize(parser.parse_args(["localize", str(folder), *out, *argv]))
+        shutil.rmtree(tmp / f"out{i}", ignore_errors=True)
+
+    localizer = run.localizer_from_args(parser.parse_args(["localize", "x", *argv]))
+    run.localizer_from_args = lambda _args: localizer  # type: ignore[assignment]
+    return once
+
+
+def peer_row(
+    row: str, model: Any, paths: Sequence[Path], tmp: Path, batch: int
+) -> Callable[[], None]:
+    import torch
+    import torch.nn.functional as F
+
+    from gapcam import images
+    from gapcam.boxes import boxes_from_map
+
+    module = model.module.eval()
+    layer, fc = ("layer4", "fc") if hasattr(module, "layer4") else ("bn2", "classifier")
+    if row.startswith("torchcam"):
+        from torchcam.methods import CAM
+
+        extractor = CAM(module, target_layer=layer, fc_layer=fc)
+
+        def maps(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = module(x)
+            return extractor(out.argmax(1).tolist(), out)[0][:, None]
+    else:
+        from pytorch_grad_cam import GradCAM
+
+        gradcam = GradCAM(model=module, target_layers=[getattr(module, layer)])
+
+        def maps(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(gradcam(input_tensor=x, targets=None))[:, None]
+
+    def run() -> None:
+        documents = []
+        for start in range(0, len(paths), batch):
+            loaded = [images.load_image(p) for p in paths[start : start + batch]]
+            arrays = [images.resize_for_model(item.image, model.preprocess) for item in loaded]
+            low = maps(images.to_tensor(arrays, model.preprocess)).float()
+            for item, m in zip(loaded, low, strict=True):
+                up = F.interpolate(m[None], size=item.size[::-1], mode="bilinear")[0, 0]
+                up = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)
+                boxes = boxes_from_map(up.numpy(), 0.2)
+                documents.append({"input": item.name, "boxes": [b.as_list() for b in boxes]})
+        (tmp / f"{row[:5]}.json").write_text(json.dumps(documents))
+
+    return run
+
+
+def child(row: str, name: str, listing: Path, tmp: Path, batch: int, repeats: int) -> None:
+    paths = [Path(p) for p in listing.read_text().split("\n")[1:] if p]
+    if row.startswith("gapcam files"):
+        action = cli_row(row, name, listing, tmp, batch)  # built and exported, not yet timed
+    else:
+        model = build(name)
+        make = {
+            "gapcam cam-only": lambda ps: cam_only_row(model, ps, batch),
+            "torchcam CAM": lambda ps: peer_row(row, model, ps, tmp, batch),
+            "grad-cam GradCAM": lambda ps: peer_row(row, model, ps, tmp, batch),
+        }.get(row, lambda ps: forward_row(row, model, ps, batch))
+        make(paths[:batch])()  # warm-up
+        action = make(paths)
+    best = float("inf")
+    for _ in range(repeats):  # the best of several: shared machines are noisy
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": best, "count": len(paths), "rss_mb": rss}))
+
+
+# -- the parent: one child per row, then the table ------------------------------------------------
+def measure(
+    row: str, name: str, folder: Path, paths: Sequence[Path], batch: int, repeats: int
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "list.txt"
+        listing.write_text("\n".join([str(folder), *map(str, paths)]))
+        env = {**os.environ}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.setdefault("GAPCAM_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gapcam-bench-cache"))
+        argv = [
+            sys.executable,
+            __file__,
+            "--child",
+            row,
+            name,
+            str(listing),
+            tmp,
+            "--batch",
+            str(batch),
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+            return {"error": tail[:90]}
+        return json.loads(lines[-1])
+
+
+def subset(data: Path, limit: int, folder: Path, repeat: int = 1) -> list[Path]:
+    """``limit`` images of ``data`` linked (or copied) into ``folder``, ``repeat`` times over."""
+    sources = sorted((data / "images").iterdir())[:limit]
+    folder.mkdir(parents=True)
+    out = []
+    for r in range(repeat):
+        for source in sources:
+            target = folder / f"{r:03d}-{source.name}"
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+            out.append(target)
+    return out
+
+
+def machine() -> str:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}"
+    )
+
+
+def table(results: list[tuple[str, str, int, dict[str, Any]]]) -> str:
+    lines = [
+        "| model | path | images | img/s | x forward onnx | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    limit = {
+        m: r["count"] / r["seconds"]
+        for m, row, _, r in results
+        if row == "forward onnx" and "seconds" in r
+    }
+    for model, row, count, r in results:
+        if "error" in r:
+            lines.append(f"| {model} | {row} | {count} | failed: {r['error']} | | |")
+            continue
+        rate = r["count"] / r["seconds"]
+        ratio = f"{rate / limit[model]:.2f}" if model in limit else "-"
+        lines.append(f"| {model} | {row} | {count} | {rate:.1f} | {ratio} | {r['rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def peers(results: list[tuple[str, str, int, dict[str, Any]]]) -> list[str]:
+    rates = {(m, row): r["count"] / r["seconds"] for m, row, _, r in results if "seconds" in r}
+    notes = []
+    for model in dict.fromkeys(m for m, *_ in results):
+        ours = rates.get((model, "gapcam files->json"))
+        for peer in ("torchcam CAM", "grad-cam GradCAM"):
+            if ours and (model, peer) in rates:
+                notes.append(
+                    f"{model}: gapcam files->json = {ours / rates[(model, peer)]:.1f}x {peer}"
+                )
+    return notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.child:
+        row, name, listing, tmp = args.child
+        child(row, name, Path(listing), Path(tmp), args.batch, args.repeats)
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            limit = (
+                args.limit if name == "efficientnet_lite0" else min(args.limit, args.resnet_limit)
+            )
+            folder = Path(tmp) / f"{name}-{limit}"
+            paths = subset(args.data, limit, folder)
+            for row in ROWS:
+                print(f"... {name}: {row}", file=sys.stderr, flush=True)
+                results.append(
+                    (
+                        name,
+                        row,
+                        len(paths),
+                        measure(row, name, folder, paths, args.batch, args.repeats),
+                    )
+                )
+        if args.repeat > 1:
+            name = args.models[0]
+            folder = Path(tmp) / "repeated"
+            paths = subset(args.data, args.limit, folder, args.repeat)
+            print(f"... {name}: files->json x{args.repeat}", file=sys.stderr, flush=True)
+            r = measure("gapcam files->json", name, folder, paths, args.batch, 1)
+            results.append((name, f"gapcam files->json ({args.repeat}x the images)", len(paths), r))
+    print(f"machine: {machine()}; batch {args.batch}\n")
+    print(table(results))
+    print("\n" + "\n".join(peers(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Inference backends: who runs ``GapModel.features`` (the only heavy step of a CAM).
+
+- ``eager``: the PyTorch module itself (the reference; any device; weights read live).
+- ``onnx``: the feature extractor exported once to ONNX (``torch.onnx.export``, opset 17,
+  dynamic batch) and run by ONNX Runtime on the CPU (~3x eager for the default model on 2
+  cores). Needs ``onnxruntime`` (``pip install gapcam[fast]``).
+- ``auto``: ``onnx`` when onnxruntime is installed, the model is on the CPU in float32 and it
+  exports; otherwise ``eager``, with a note saying why.
+
+Only the feature maps come from the backend: logits and CAMs are still computed from them with
+the classifier read live, so ``logits(features(x)) == module(x)`` keeps its meaning. The ONNX
+backend snapshots the *backbone* when it is first used; the tests hold it to eager within
+``FEATURE_TOLERANCE`` (relative to the feature scale).
+
+Exported models are cached (atomic writes; deleting the folder is always safe)::
+
+    CACHE/onnx/<key>.onnx    key = sha256(model name, every backbone tensor, input size,
+                                          gapcam, torch and opset versions)
+
+``CACHE`` is ``$GAPCAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/gapcam``, else ``~/.cache/gapcam``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gapcam._version import __version__
+from gapcam.errors import ModelError
+from gapcam.models.base import GapModel
+
+BACKENDS = ("auto", "eager", "onnx")
+OPSET = 17
+
+#: ORT's intra-op threads busy-wait between runs when "1"
+SPINNING = "0"
+
+#: |onnx - eager| <= FEATURE_TOLERANCE * max(1, max |eager|), checked on every fresh export.
+FEATURE_TOLERANCE = 1e-3
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("GAPCAM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gapcam"
+
+
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+class EagerBackend:
+    """The PyTorch module: the reference every other backend is tested against."""
+
+    name = "eager"
+
+    def __init__(self, model: GapModel, note: str = "") -> None:
+        self.model = model
+        self.note = note
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+class _FeatureModule(nn.Module):
+    def __init__(self, model: GapModel) -> None:
+        super().__init__()
+        self.inner = model.module
+        self.feature_fn = model.feature_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_fn(self.inner, x)
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU; one exported model (and session) per input size."""
+
+    name = "onnx"
+
+    def __init__(self, model: GapModel, root: Path | None = None, threads: int = 0) -> None:
+        if not onnx_available():
+            raise ModelError(
+                "backend 'onnx' needs onnxruntime and onnx: pip install 'gapcam[fast]', "
+                "or use --backend eager"
+            )
+        if model.device.type != "cpu" or model.weight.dtype != torch.float32:
+            raise ModelError(
+                f"backend 'onnx' runs float32 models on the CPU; {model.name} is "
+                f"{model.weight.dtype} on {model.device}: use --backend eager"
+            )
+        self.model = model
+        self.root = root or cache_dir()
+        self.threads = threads or torch.get_num_threads()
+        self.note = ""
+        self._digest = backbone_digest(model)
+        self._sessions: dict[tuple[int, int], Any] = {}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        session = self._sessions.get(size)
+        if session is None:
+            session = self._sessions[size] = self._session(size)
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (out,) = session.run(None, {"input": array})
+        return torch.from_numpy(out)
+
+    def path(self, size: tuple[int, int]) -> Path:
+        import onnxruntime
+
+        key = hashlib.sha256(
+            "\n".join(
+                [
+                    self._digest,
+                    f"{size[0]}x{size[1]}",
+                    f"gapcam {__version__}",
+                    f"torch {torch.__version__}",
+                    f"onnxruntime {onnxruntime.__version__}",
+                    f"opset {OPSET}",
+                ]
+            ).encode()
+        ).hexdigest()
+        return self.root / "onnx" / f"{self.model.name.replace(':', '-')}-{key[:24]}.onnx"
+
+    def _session(self, size: tuple[int, int]) -> Any:
+        import onnxruntime as ort
+
+        path = self.path(size)
+        if not path.is_file():
+            _write_atomic(path, export_features(self.model, size))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        # no busy-waiting between runs: decoding and encoding threads need the cores too
+        options.add_session_config_entry("session.intra_op.allow_spinning", SPINNING)
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a corrupt cache entry: drop it, the next run re-exports
+            path.unlink(missing_ok=True)
+            raise ModelError(f"{path}: ONNX Runtime cannot load it ({exc}); removed") from exc
+
+
+def backbone_digest(model: GapModel) -> str:
+    """sha256 over the model's name and every tensor of its module (names, dtypes, values)."""
+    digest = hashlib.sha256(f"gapcam.onnx/1\n{model.name}\n".encode())
+    for name, tensor in sorted(model.module.state_dict(keep_vars=True).items()):
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for submodule, flag in flags:
+            submodule.training = flag
+
+
+def export_features(model: GapModel, size: tuple[int, int]) -> bytes:
+    """The feature extractor as ONNX bytes (input ``input`` N x 3 x H x W, output ``features``),
+    checked against eager on a seeded input; ``ModelError`` when it cannot be exported."""
+    wrapper = _FeatureModule(model)
+    probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with _eval_no_grad(model.module):
+        expected = wrapper(probe)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation, tracer notes
+                torch.onnx.export(
+                    wrapper,
+                    (probe,),
+                    buffer,  # type: ignore[arg-type]  # the legacy exporter takes file objects
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=["input"],
+                    output_names=["features"],
+                    dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
+                )
+        except Exception as exc:  # the exporter raises many kinds; one line for the user
+            raise ModelError(f"{model.name}: cannot export to ONNX ({type(exc).__name__})") from exc
+    data = buffer.getvalue()
+    _check_export(model.name, data, probe, expected)
+    return data
+
+
+def _check_export(name: str, data: bytes, probe: torch.Tensor, expected: torch.Tensor) -> None:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"input": probe.numpy()})
+        error = float((torch.from_numpy(got) - expected).abs().max())
+    except Exception:  # e.g. a graph traced to a constant has no input left; bad shapes
+        error = float("inf")
+    scale = max(1.0, float(expected.abs().max()))
+    if not error <= FEATURE_TOLERANCE * scale:
+        raise ModelError(
+            f"{name}: the ONNX export differs from eager (max error {error:.2g}); "
+            "use --backend eager"
+        )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; ``ModelError`` (one line) otherwise."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelError(
+            f"--device {device}: only {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS (Apple GPU) is not available here; use cpu")
+    return resolved
+
+
+def make_backend(
+    model: GapModel,
+    choice: str = "auto",
+    size: tuple[int, int] | None = None,
+    root: Path | None = None,
+) -> Any:
+    """The backend for ``choice`` (see ``BACKENDS``); ``auto`` falls back to eager with a note.
+
+    ``auto`` tries the ONNX export for ``size`` (default: the model's input size) at once, so that an
+    unexportable model falls back here rather than in the middle of a run.
+    """
+    if choice not in BACKENDS:
+        raise ModelError(f"backend={choice!r}: use one of {', '.join(BACKENDS)}")
+    if choice == "eager":
+        return EagerBackend(model)
+    if choice == "onnx":
+        return OnnxBackend(model, root)
+    if not onnx_available():
+        return EagerBackend(model, "onnxruntime is not installed (pip install 'gapcam[fast]')")
+    if model.device.type != "cpu" or model.weight.dtype != torch.float32:
+        return EagerBackend(model, f"the model is {model.weight.dtype} on {model.device}")
+    try:
+        backend = OnnxBackend(model, root)
+        backend.features(torch.zeros(1, 3, *(size or model.preprocess.size)))
+    except ModelError as exc:
+        return EagerBackend(model, str(exc))
+    return backend

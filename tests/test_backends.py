@@ -1,0 +1,155 @@
+"""Inference backends: ONNX Runtime equals eager within the stated tolerance; cache and fallbacks.
+
+Stated tolerance (README, gapcam.backends): the same top classes, probabilities within 1e-4,
+normalised CAMs within 1e-3 and raw low-res CAMs within 1e-3 x their scale; feature maps within
+``FEATURE_TOLERANCE`` x max(1, max |eager|).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, tiny_gap_model
+
+import gapcam
+from gapcam import backends
+from gapcam.errors import ModelError
+from gapcam.models import GapModel, inference_state
+
+
+def _eager_features(model: GapModel, x: torch.Tensor) -> torch.Tensor:
+    with inference_state(model.module):
+        return model.features(x)
+
+
+def test_eager_is_the_module_itself(tiny: GapModel) -> None:
+    backend = backends.make_backend(tiny, "eager")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert backend.name == "eager"
+    assert backend.note == ""
+    with inference_state(tiny.module):
+        assert torch.equal(backend.features(x), tiny.features(x))
+
+
+def test_unknown_backend_names_the_choices(tiny: GapModel) -> None:
+    with pytest.raises(ModelError, match=r"backend='tpu': use one of auto, eager, onnx"):
+        backends.make_backend(tiny, "tpu")
+
+
+def test_onnx_features_equal_eager_for_any_batch_and_size(tiny: GapModel, tmp_path: Path) -> None:
+    backend = backends.make_backend(tiny, "onnx", root=tmp_path)
+    for batch, size in ((1, 32), (5, 32), (3, 48)):
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        expected = _eager_features(tiny, x)
+        got = backend.features(x)
+        assert got.shape == expected.shape
+        scale = max(1.0, float(expected.abs().max()))
+        assert float((got - expected).abs().max()) <= backends.FEATURE_TOLERANCE * scale
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # one export per input size
+
+
+def test_the_model_is_left_as_it_was(tmp_path: Path) -> None:
+    model = tiny_gap_model()
+    model.module.train()
+    backends.make_backend(model, "onnx", root=tmp_path).features(torch.zeros(1, 3, 32, 32))
+    assert all(m.training for m in model.module.modules())
+
+
+def test_exports_are_cached_by_weights_and_size(tmp_path: Path) -> None:
+    model = tiny_gap_model()
+    first = backends.OnnxBackend(model, tmp_path)
+    first.features(torch.zeros(1, 3, 32, 32))
+    path = first.path((32, 32))
+    stamp = path.stat().st_mtime_ns
+    again = backends.OnnxBackend(model, tmp_path)
+    again.features(torch.zeros(1, 3, 32, 32))
+    assert path.stat().st_mtime_ns == stamp  # reused, not exported again
+    assert again.path((32, 32)) == path
+    assert again.path((48, 48)) != path
+    with torch.no_grad():
+        next(model.module.parameters()).add_(1.0)
+    assert backends.OnnxBackend(model, tmp_path).path((32, 32)) != path
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_corrupt_cache_entry_is_removed_with_a_one_line_error(tmp_path: Path) -> None:
+    model = tiny_gap_model()
+    backend = backends.OnnxBackend(model, tmp_path)
+    path = backend.path((32, 32))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load it") as info:
+        backend.features(torch.zeros(1, 3, 32, 32))
+    assert "\n" not in str(info.value).split(" (", 1)[0]
+    assert not path.exists()
+    assert backends.OnnxBackend(model, tmp_path).features(torch.zeros(1, 3, 32, 32)).shape[0] == 1
+
+
+def test_auto_falls_back_to_eager_without_onnxruntime(
+    tiny: GapModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backends, "onnx_available", lambda: False)
+    backend = backends.make_backend(tiny, "auto")
+    assert backend.name == "eager"
+    assert "pip install 'gapcam[fast]'" in backend.note
+    with pytest.raises(ModelError, match=r"needs onnxruntime.*--backend eager"):
+        backends.make_backend(tiny, "onnx")
+
+
+def test_auto_falls_back_when_the_export_is_wrong(tmp_path: Path) -> None:
+    """A feature function that leaves torch (numpy) traces to a constant: the check catches it."""
+    net = tiny_gap_model().module
+
+    def through_numpy(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(module.body(x).numpy() * 1.0)
+
+    model = GapModel("numpy-net", net, through_numpy, net.fc, [str(i) for i in range(5)])
+    backend = backends.make_backend(model, "auto", root=tmp_path)
+    assert backend.name == "eager"
+    assert "ONNX" in backend.note
+    with pytest.raises(ModelError, match="use --backend eager"):
+        backends.make_backend(model, "onnx", root=tmp_path).features(torch.ones(2, 3, 32, 32))
+
+
+def test_onnx_needs_a_float32_cpu_model(tmp_path: Path) -> None:
+    model = tiny_gap_model()
+    model.module.double()
+    with pytest.raises(ModelError, match="float32 models on the CPU"):
+        backends.make_backend(model, "onnx", root=tmp_path)
+    assert backends.make_backend(model, "auto", root=tmp_path).name == "eager"
+
+
+@pytest.mark.slow
+def test_onnx_localizer_matches_eager_on_the_embedded_model(
+    embedded_model: GapModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path))
+    sources = [EXAMPLES / "cat.png", EXAMPLES / "coffee.jpg"]
+    eager = gapcam.Localizer(embedded_model)(sources, cam_top_k=2)
+    fast_localizer = gapcam.Localizer(embedded_model, backend="auto")
+    assert fast_localizer.backend_used == ("onnx", "")
+    fast = fast_localizer(sources, cam_top_k=2)
+    for a, b in zip(eager, fast, strict=True):
+        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+        for pa, pb in zip(a.predictions, b.predictions, strict=True):
+            assert pa.probability == pytest.approx(pb.probability, abs=1e-4)
+        for i, (ma, mb) in enumerate(zip(a.maps, b.maps, strict=True)):
+            scale = float(np.abs(ma.low_res).max())
+            np.testing.assert_allclose(mb.low_res, ma.low_res, atol=1e-3 * scale)
+            np.testing.assert_allclose(b.cam(i), a.cam(i), atol=1e-3)
+            assert [x.as_list() for x in ma.boxes] == [x.as_list() for x in mb.boxes]
+
+
+def test_devices_that_are_not_here_get_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backends.check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelError, match=r"^--device tpu9: not a device; use cpu, cuda"):
+        backends.check_device("tpu9")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^--device cuda: no CUDA GPU is available here"):
+        backends.check_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^--device mps: MPS \(Apple GPU\) is not available"):
+        gapcam.Localizer(device="mps")

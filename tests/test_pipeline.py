@@ -1,0 +1,153 @@
+"""The streaming pipeline: order kept, failures as values, bounded queues, and a threaded
+`gapcam localize` whose outputs equal the sequential loop's byte for byte (same batch size:
+batch composition moves eager floats by ~1e-7)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES
+
+from gapcam import cli, pipeline
+from gapcam.errors import GapcamError, ImageError
+
+
+def _square(n: int) -> int:
+    if n == 3:
+        raise ImageError("three: unreadable")
+    time.sleep(0.001 * (n % 4))  # finish out of order
+    return n * n
+
+
+@pytest.mark.parametrize("workers", [0, 1, 4])
+def test_ordered_map_keeps_order_and_returns_errors(workers: int) -> None:
+    with ExitStack() as stack:
+        pool = pipeline.executor(workers, stack, "test")
+        pairs = list(pipeline.ordered_map(_square, range(10), pool, window=3))
+    assert [item for item, _ in pairs] == list(range(10))
+    assert isinstance(pairs[3][1], ImageError)
+    assert [value for item, value in pairs if item != 3] == [n * n for n in range(10) if n != 3]
+
+
+def test_other_exceptions_propagate() -> None:
+    def boom(n: int) -> int:
+        raise ValueError("a bug, not an input problem")
+
+    with ExitStack() as stack, pytest.raises(ValueError, match="a bug"):
+        list(pipeline.ordered_map(boom, range(3), pipeline.executor(2, stack, "t"), 2))
+
+
+def test_at_most_window_items_are_in_flight() -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def work(n: int) -> int:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.002)
+        with lock:
+            state["now"] -= 1
+        return n
+
+    consumed = 0
+    with ExitStack() as stack:
+        pool = pipeline.executor(8, stack, "t")
+        for _ in pipeline.ordered_map(work, range(40), pool, window=4):
+            consumed += 1
+    assert consumed == 40
+    assert state["most"] <= 4
+
+
+def test_batched_groups_successes_and_carries_failures() -> None:
+    error = GapcamError("bad")
+    pairs = [(0, 0), (1, error), (2, 2), (3, 3), (4, 4)]
+    groups = list(pipeline.batched(pairs, 2))
+    assert groups == [([(0, 0), (2, 2)], [(1, error)]), ([(3, 3), (4, 4)], [])]
+    assert list(pipeline.batched(pairs[:1], 2)) == [([(0, 0)], [])]
+    assert list(pipeline.batched([(0, error)], 4)) == [([], [(0, error)])]
+
+
+def test_allocator_tuning_respects_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    assert pipeline.tune_allocator() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("GAPCAM_MALLOC", "system")
+    assert pipeline.tune_allocator() is False
+
+
+def test_defaults_fit_the_machine() -> None:
+    assert 2 <= pipeline.default_workers() <= 16
+    assert pipeline.default_batch_size() in (8, 16)
+
+
+def _localize(tmp_path: Path, name: str, *options: str) -> tuple[dict, dict[str, bytes]]:
+    folder = tmp_path / "in"
+    if not folder.exists():
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"cat{i}.png").write_bytes((EXAMPLES / "cat.png").read_bytes())
+        (folder / "coffee.jpg").write_bytes((EXAMPLES / "coffee.jpg").read_bytes())
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / name
+    code = cli.main(
+        [
+            *("localize", str(folder), "--out", str(out)),
+            *("--json", str(tmp_path / f"{name}.json"), "--backend", "eager", "-q", *options),
+        ]
+    )
+    assert code == 1  # the broken file
+    document = json.loads((tmp_path / f"{name}.json").read_text())
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())} if out.exists() else {}
+    for result in document["results"]:
+        if "overlay" in result:
+            result["overlay"] = Path(result["overlay"]).name
+    return document, files
+
+
+@pytest.mark.slow
+def test_threaded_localize_equals_the_sequential_loop(tmp_path: Path) -> None:
+    plain, plain_files = _localize(tmp_path, "plain", "--workers", "0", "--batch-size", "2")
+    fast, fast_files = _localize(tmp_path, "fast", "--workers", "3", "--batch-size", "2")
+    assert fast == plain
+    assert fast_files == plain_files
+    assert len(plain["results"]) == 4
+    assert [e["input"] for e in plain["errors"]] == [str(tmp_path / "in" / "broken.jpg")]
+    assert plain["settings"]["backend"] == "eager"
+
+
+@pytest.mark.slow
+def test_auto_backend_is_reported_and_agrees_with_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    eager, _ = _localize(tmp_path, "eager", "--no-overlay")
+    fast, _ = _localize(tmp_path, "fast", "--no-overlay", "--backend", "auto")
+    assert fast["settings"]["backend"] == "onnx"
+    assert "backend_note" not in fast["settings"]
+    for a, b in zip(eager["results"], fast["results"], strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        assert [m["boxes"] for m in a["maps"]] == [m["boxes"] for m in b["maps"]]
+    assert list((tmp_path / "cache" / "onnx").glob("efficientnet_lite0-*.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--workers", "-1"), "-1 is not 0 or a positive integer"),
+        (("--backend", "tpu"), "invalid choice: 'tpu'"),
+        (("--engine", "spark"), "invalid choice: 'spark'"),
+    ],
+)
+def test_speed_options_are_checked(
+    option: tuple[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["localize", "x.png", *option])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

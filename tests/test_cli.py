@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from gapcam import images, overlay
+from gapcam.overlay import display_scale
 from gapcam.types import Preprocess
 
 CLI = (sys.executable, "-m", "gapcam.cli")
@@ -85,6 +86,7 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         http_proxy=closed,
         https_proxy=closed,
         COLUMNS="100",
+        GAPCAM_CACHE_DIR=str(tmp_path_factory.mktemp("gapcam-cache")),
     )
     return env
 
@@ -295,9 +297,10 @@ def test_unusual_modes_work(batch: Batch, name: str) -> None:
     assert result["overlay"] == f"out/{stem}.cam.png"
     with Image.open(batch.root / result["overlay"]) as figure:
         assert figure.mode == "RGB"
-        # --top-k 3: a grid of three panels, each as wide as the image
-        assert figure.width == 3 * 64 + 2 * GRID_GAP
-        assert figure.height > 48
+        # --top-k 3: a grid of three panels, each as wide as the image shown at display size
+        panel = round(64 * display_scale((64, 48)))  # small images are enlarged for display
+        assert figure.width == 3 * panel + 2 * GRID_GAP
+        assert figure.height > 224
     cam = np.load(batch.root / result["cam_npy"])
     assert cam.shape == (3, 48, 64)
     assert cam.dtype == np.float32
@@ -315,7 +318,7 @@ def test_exif_rotated_jpeg_in_rotated_coordinates(batch: Batch) -> None:
             assert 0 <= y0 < y1 <= 64
     assert np.load(batch.root / result["cam_npy"]).shape == (3, 64, 48)
     with Image.open(batch.root / result["overlay"]) as figure:
-        assert figure.width == 3 * 48 + 2 * GRID_GAP
+        assert figure.width == 3 * round(48 * display_scale((48, 64))) + 2 * GRID_GAP
 
 
 def test_multi_frame_gif_noted_once(batch: Batch) -> None:
@@ -360,7 +363,7 @@ def test_existing_output_replaced_with_overwrite(rerun: Run, batch: Batch) -> No
     assert rerun.code == 0, rerun.err
     assert rerun.err_lines == ["gapcam: 1 of 1 inputs done, 0 failed"]
     with Image.open(batch.out / "kept.cam.png") as figure:
-        assert figure.width == 2 * 64 + GRID_GAP
+        assert figure.width == 2 * round(64 * display_scale((64, 48))) + GRID_GAP
 
 
 def test_class_by_name_and_index(rerun: Run) -> None:
@@ -401,7 +404,7 @@ def test_output_never_overwrites_an_input(same_folder: SameFolder) -> None:
     assert run.summary() == (1, 2, 1)
     # the input named like an output is itself processed, into x.cam.cam.png (one panel)
     with Image.open(same_folder.folder / "x.cam.cam.png") as figure:
-        assert figure.width == 64
+        assert figure.width == round(64 * display_scale((64, 48)))  # one panel
 
 
 def test_json_to_stdout_is_the_only_stdout(same_folder: SameFolder) -> None:

@@ -386,3 +386,17 @@ def test_expand_reports_what_matched_nothing(tree: Path) -> None:
     assert found == []
     assert problems[0] == f"{pattern}: pattern matched no files"
     assert problems[1].startswith(f"{empty}: folder holds no image files")
+
+
+def test_expansion_skips_the_output_folder_inside_an_input_folder(tmp_path: Path) -> None:
+    """A second run over a folder does not read the first run's overlays; an --out that is the
+    input folder itself (or above it) excludes nothing."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "gapcam-out").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "gapcam-out" / "a.cam.png")
+    found, _ = expand_inputs([str(tmp_path)], exclude=[tmp_path / "gapcam-out"])
+    assert [str(relative) for _, relative in found] == ["a.png"]
+    found, _ = expand_inputs([str(tmp_path / "*.png")], exclude=[tmp_path / "gapcam-out"])
+    assert [str(relative) for _, relative in found] == ["a.png"]
+    found, _ = expand_inputs([str(tmp_path)], exclude=[tmp_path])
+    assert sorted(str(relative) for _, relative in found) == ["a.png", "gapcam-out/a.cam.png"]

@@ -22,6 +22,7 @@ LOCALIZE_EXAMPLES = """examples:
   gapcam localize 'shots/*.jpg' --top-k 3 --cmap inferno --alpha 0.4
   gapcam localize examples/cat.png --class "tabby cat" --class 285 --save-cam
   gapcam localize dog.jpg --model resnet50 --weights resnet50.safetensors --json -
+  gapcam localize --engine ray list.txt --out results/ --limit 100     # Parquet, gapcam[ray]
 """
 
 
@@ -98,7 +99,7 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--out", default="gapcam-out", help="output folder (default: ./%(default)s)")
     p.add_argument("--json", metavar="FILE", help="write results as JSON to FILE, or - for stdout")
     p.add_argument(
-        "--save-cam", action="store_true", help="also write each raw low-res map as .npy"
+        "--save-cam", action="store_true", help="also write the raw (not normalised) maps at image size as .npy (k x H x W float32)"
     )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     p.add_argument("--top-k", type=_positive, default=1, help="CAM panels: the K best classes")
@@ -131,8 +132,7 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--alpha", type=_fraction, default=0.5, help="heatmap opacity (default: 0.5)")
     p.add_argument("--cmap", default="jet", help="any matplotlib colormap (default: jet)")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay format")
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    _add_speed(p)
     p.add_argument(
         "--max-pixels",
         type=_positive,
@@ -143,6 +143,43 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
         "--overwrite", action="store_true", help="replace existing outputs (never inputs)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+
+
+def _workers(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or a positive integer")
+    return value
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", "eager", "onnx"),
+        default="auto",
+        help="who runs the network: onnx (ONNX Runtime, needs gapcam[fast]), eager (PyTorch), "
+        "auto: onnx when available on the CPU, else eager (default)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive, help="images per forward pass (default: 8, 16 on 16+ cores)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        help="decoding and writing threads each (default: the core count, 2..16; 0: sequential)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: run on a Ray cluster (gapcam[ray]; $RAY_ADDRESS or a local one), write "
+        "Parquet to --out",
+    )
+    p.add_argument("--limit", type=_positive, metavar="N", help="only the first N images")
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="with --engine ray: ray://HOST:10001, auto, ..."
+    )
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -321,6 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "localize":
+            if "torch" not in sys.modules:  # idle OpenMP threads sleep: the writers need cores
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            if args.engine == "ray":
+                from gapcam.ray_engine import run_ray
+
+                return run_ray(args)
             from gapcam.run import run_localize
 
             return run_localize(args)

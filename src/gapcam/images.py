@@ -295,9 +295,14 @@ def expand_inputs(
     seen: set[Path] = set()
     excluded = [folder.resolve() for folder in exclude]
 
-    def outside(path: Path) -> bool:
-        resolved = path.resolve()
-        return not any(resolved.is_relative_to(folder) for folder in excluded)
+    def outside(path: Path, base: Path) -> bool:
+        """Not under an excluded folder that lies strictly inside the argument's base folder
+        (``--out`` equal to the input folder, or above it, excludes nothing)."""
+        resolved, root = path.resolve(), base.resolve()
+        return not any(
+            resolved.is_relative_to(folder) and folder != root and folder.is_relative_to(root)
+            for folder in excluded
+        )
 
     def add(path: Path, relative: Path) -> None:
         key = path.resolve()
@@ -311,7 +316,7 @@ def expand_inputs(
             members = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and outside(p)
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and outside(p, path)
             )
             if not members:
                 problems.append(f"{argument}: folder holds no image files ({_suffix_list()})")
@@ -321,12 +326,24 @@ def expand_inputs(
             add(path, Path(path.name))  # a missing file is reported when it is read
         else:
             matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
-            files = [m for m in matches if m.is_file() and outside(m)]
+            files = [m for m in matches if m.is_file() and outside(m, _glob_base(argument))]
             if not files:
                 problems.append(f"{argument}: pattern matched no files")
             for match in files:
                 add(match, Path(match.name))
     return found, problems
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder a glob pattern starts from: its leading parts without wildcards."""
+    import glob
+
+    parts = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
 
 
 def _suffix_list() -> str:

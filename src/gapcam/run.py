@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -16,7 +19,17 @@ from gapcam import images
 from gapcam._version import __version__
 from gapcam.errors import GapcamError
 from gapcam.explain import Localizer, Result
-from gapcam.export import OutputGuard, encode_image, encode_npy, write_json
+from gapcam.export import OutputGuard, check_folder, encode_image, encode_npy, write_json
+from gapcam.overlay import colormap_lut
+from gapcam.pipeline import (
+    batched,
+    default_batch_size,
+    default_workers,
+    executor,
+    ordered_map,
+    tune_allocator,
+)
+from gapcam.pipeline import outcome as pipeline_outcome
 
 PROGRESS_AFTER = 3
 
@@ -29,20 +42,20 @@ class Outcome:
 
 
 def run_localize(args: argparse.Namespace) -> int:
-    found, problems = images.expand_inputs(args.inputs)
+    tune_allocator()
+    # the output folder is skipped inside input folders: a second run never reads the first's
+    found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)])
+    found = found[: args.limit] if getattr(args, "limit", None) else found
     human: TextIO = sys.stderr if args.json == "-" else sys.stdout
-    localizer = Localizer(
-        model_from_args(args),
-        weights=args.weights,
-        threshold=args.threshold,
-        normalize=args.normalize,
-        min_area=args.min_area,
-        resize=args.resize,
-        device=args.device,
-        max_pixels=args.max_pixels,
-    )
+    localizer = localizer_from_args(args)
     if args.classes:
         localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
+    if not args.no_overlay:
+        try:
+            colormap_lut(args.cmap)
+        except ValueError as exc:
+            raise GapcamError(str(exc)) from exc
+    check_folder(Path(args.out))  # a file or a read-only folder stops the run before any work
     guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
     if args.json and args.json != "-":
         guard.check(Path(args.json))  # an existing --json FILE stops the run before any work
@@ -51,33 +64,9 @@ def run_localize(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     targets = _unique_targets([relative for _, relative in found])
     progress = _progress(len(found), args.quiet)
-    for batch in _batches(list(zip(found, targets, strict=True)), args.batch_size):
-        loaded = []
-        for (path, _), target in batch:
-            try:
-                item = images.load_image(path, max_pixels=args.max_pixels)
-            except GapcamError as exc:
-                _fail(outcome, str(path), str(exc))
-                continue
-            loaded.append((item, target))
-        results = localizer.explain(
-            [item for item, _ in loaded],
-            classes=args.classes,
-            cam_top_k=args.top_k,
-            top_k=max(5, args.top_k),
-        )
-        for (item, target), result in zip(loaded, results, strict=True):
-            try:
-                document = _write_outputs(result, Path(args.out) / target, args, guard)
-            except GapcamError as exc:
-                _fail(outcome, item.name, str(exc))
-                continue
-            outcome.done += 1
-            outcome.documents.append(document)
-            if not args.quiet:
-                _print_result(result, document, human)
-        if progress is not None:
-            progress.update(len(batch))
+    _stream(
+        localizer, list(zip(found, targets, strict=True)), args, guard, outcome, human, progress
+    )
     if progress is not None:
         progress.close()
     if args.json:
@@ -88,6 +77,83 @@ def run_localize(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if not outcome.failed else 1
+
+
+def localizer_from_args(args: argparse.Namespace) -> Localizer:
+    return Localizer(
+        model_from_args(args),
+        weights=args.weights,
+        threshold=args.threshold,
+        normalize=args.normalize,
+        min_area=args.min_area,
+        resize=args.resize,
+        device=args.device,
+        max_pixels=args.max_pixels,
+        backend=getattr(args, "backend", None) or "eager",
+    )
+
+
+def _stream(
+    localizer: Localizer,
+    jobs: Sequence[tuple[tuple[Path, Path], Path]],
+    args: argparse.Namespace,
+    guard: OutputGuard,
+    outcome: Outcome,
+    human: TextIO,
+    progress: Any,
+) -> None:
+    """Decode on reader threads, explain batches here, write on writer threads (module doc)."""
+    workers = args.workers if args.workers is not None else default_workers()
+    batch_size = args.batch_size or default_batch_size()
+
+    def load(job: tuple[tuple[Path, Path], Path]) -> images.LoadedImage:
+        return images.load_image(job[0][0], max_pixels=args.max_pixels)
+
+    def write(result: Result, target: Path) -> dict[str, Any]:
+        return _write_outputs(result, Path(args.out) / target, args, guard)
+
+    with ExitStack() as stack:
+        readers = executor(workers, stack, "read")
+        writers = executor(workers, stack, "write")
+        loads = ordered_map(load, jobs, readers, window=2 * batch_size + workers)
+        pending: deque[tuple[Result, Future[dict[str, Any]]]] = deque()
+        for good, bad in batched(loads, batch_size):
+            for ((path, _), _), error in bad:
+                _fail(outcome, str(path), str(error))
+            results = localizer.explain(
+                [item for _, item in good],
+                classes=args.classes,
+                cam_top_k=args.top_k,
+                top_k=max(5, args.top_k),
+            )
+            for (job, _), result in zip(good, results, strict=True):
+                pending.append((result, writers.submit(write, result, job[1])))
+            while len(pending) > batch_size + 2 * workers:
+                _finish(*pending.popleft(), args, outcome, human, progress)
+            if progress is not None and bad:
+                progress.update(len(bad))
+        while pending:
+            _finish(*pending.popleft(), args, outcome, human, progress)
+
+
+def _finish(
+    result: Result,
+    future: Future[dict[str, Any]],
+    args: argparse.Namespace,
+    outcome: Outcome,
+    human: TextIO,
+    progress: Any,
+) -> None:
+    document = pipeline_outcome(future)
+    if progress is not None:
+        progress.update(1)
+    if isinstance(document, GapcamError):
+        _fail(outcome, result.name, str(document))
+        return
+    outcome.done += 1
+    outcome.documents.append(document)
+    if not args.quiet:
+        _print_result(result, document, human)
 
 
 def model_from_args(args: argparse.Namespace) -> Any:
@@ -104,11 +170,6 @@ def model_from_args(args: argparse.Namespace) -> Any:
 def _fail(outcome: Outcome, name: str, message: str) -> None:
     outcome.failed.append((name, message))
     print(f"error: {message}", file=sys.stderr)
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _unique_targets(relatives: Sequence[Path]) -> list[Path]:
@@ -193,8 +254,10 @@ def _run_document(
             "min_area": settings.min_area,
             "resize": settings.resize,
             "input_size": list(settings.input_size),
-            "classes": args.classes,
-            "top_k": args.top_k,
+            "classes": localizer.resolve_classes(args.classes) if args.classes else None,
+            "top_k": None if args.classes else args.top_k,
+            "backend": localizer.backend_used[0],
+            **({"backend_note": note} if (note := localizer.backend_used[1]) else {}),
         },
         "results": outcome.documents,
         "errors": [{"input": name, "error": message} for name, message in outcome.failed],

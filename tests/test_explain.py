@@ -249,3 +249,18 @@ def test_custom_model_settings(rednet: gapcam.GapModel) -> None:
     flat = Localizer(rednet)(np.zeros((20, 20, 3), dtype=np.uint8), classes=[0])
     assert flat.maps[0].boxes == ()  # a flat map has no box
     assert (flat.cam(0) == 0).all()
+
+
+def test_localize_cli_takes_the_view_presets(cat_path: Path, tmp_path: Path, capsys) -> None:
+    """`gapcam localize --preset best`: maps averaged over 224 and 352 px (11 x 11 grid),
+    recorded in the JSON settings."""
+    from gapcam.cli import main
+
+    code = main(
+        ["localize", str(cat_path), "--preset", "best", "--out", str(tmp_path), "--json", "-"]
+    )
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert document["settings"]["scales"] == [1.0, 1.5]
+    assert document["results"][0]["maps"][0]["feature_size"] == [11, 11]
+    assert 281 <= document["results"][0]["predictions"][0]["index"] <= 285

@@ -99,7 +99,9 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--out", default="gapcam-out", help="output folder (default: ./%(default)s)")
     p.add_argument("--json", metavar="FILE", help="write results as JSON to FILE, or - for stdout")
     p.add_argument(
-        "--save-cam", action="store_true", help="also write the raw (not normalised) maps at image size as .npy (k x H x W float32)"
+        "--save-cam",
+        action="store_true",
+        help="also write the raw (not normalised) maps at image size as .npy (k x H x W float32)",
     )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     p.add_argument("--top-k", type=_positive, default=1, help="CAM panels: the K best classes")
@@ -123,6 +125,7 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
         help="extra boxes for other components of at least this image fraction",
     )
     p.add_argument("--normalize", choices=("minmax", "max"), default="minmax")
+    _add_view_options(p)
     p.add_argument(
         "--resize",
         choices=("stretch", "letterbox"),
@@ -333,12 +336,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:  # type: ignore
         default=0.2,
         help="box threshold for the fixed-threshold localization accuracies (default: %(default)s)",
     )
-    p.add_argument("--preset", choices=("cam", "fine", "best"), help="measured view settings")
-    p.add_argument("--input-size", type=_positive, help="square network input side in pixels")
-    p.add_argument("--hflip", action="store_true", help="average with the mirrored image's CAM")
-    p.add_argument(
-        "--scales", type=float, nargs="+", metavar="S", help="average CAMs over input sizes"
-    )
+    _add_view_options(p)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE, or -")
     p.add_argument("--plot", metavar="PNG", help="write box accuracy vs threshold as PNG")
     p.add_argument("--batch-size", type=_positive, default=16)
@@ -351,6 +349,22 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_view_options(p: argparse.ArgumentParser) -> None:
+    """Gradient-free view options (measured in docs/evaluate.md), shared by several commands."""
+    p.add_argument(
+        "--preset",
+        choices=("cam", "fine", "best"),
+        help="measured view settings: cam (vanilla), fine (input 288), best (scales 1 and 1.5)",
+    )
+    p.add_argument(
+        "--input-size", type=_positive, help="square network input side (multiple of 32)"
+    )
+    p.add_argument("--hflip", action="store_true", help="average with the mirrored image's CAM")
+    p.add_argument(
+        "--scales", type=float, nargs="+", metavar="S", help="average CAMs over input sizes"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 from gapcam.errors import GapcamError
 from gapcam.evaluate import check_class_table, evaluate, label_resolver
-from gapcam.explain import PRESETS, Localizer
+from gapcam.explain import Localizer, view_options
 from gapcam.export import OutputGuard, write_json
 
 
@@ -56,13 +56,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _localizer(args: argparse.Namespace) -> Localizer:
-    views: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    if args.input_size is not None:
-        views["input_size"] = args.input_size
-    if args.hflip:
-        views["hflip"] = True
-    if args.scales:
-        views["scales"] = tuple(args.scales)
+    views = view_options(args.preset, args.input_size, args.hflip, args.scales)
     model: Any = args.model
     if getattr(args, "checkpoint", None):  # a run folder made by `gapcam train`
         if args.weights:

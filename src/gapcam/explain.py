@@ -45,6 +45,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 FEATURE_STRIDE = 32
 
 
+def view_options(
+    preset: str | None = None,
+    input_size: int | None = None,
+    hflip: bool = False,
+    scales: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Localizer keyword arguments from a preset, overridden by explicit view options."""
+    if preset is not None and preset not in PRESETS:
+        raise GapcamError(f"--preset {preset}: use one of {', '.join(PRESETS)}")
+    views: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
+    if input_size is not None:
+        views["input_size"] = input_size
+    if hflip:
+        views["hflip"] = True
+    if scales:
+        views["scales"] = tuple(scales)
+    return views
+
+
 #: Normalisations a Localizer accepts: boxes threshold a map scaled to [0, 1].
 BOX_NORMALIZATIONS = ("minmax", "max")
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from gapcam import images
 from gapcam._version import __version__
 from gapcam.errors import GapcamError
-from gapcam.explain import Localizer, Result
+from gapcam.explain import Localizer, Result, view_options
 from gapcam.export import OutputGuard, check_folder, encode_image, encode_npy, write_json
 from gapcam.overlay import colormap_lut
 from gapcam.pipeline import (
@@ -90,6 +90,12 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
         device=args.device,
         max_pixels=args.max_pixels,
         backend=getattr(args, "backend", None) or "eager",
+        **view_options(
+            getattr(args, "preset", None),
+            getattr(args, "input_size", None),
+            getattr(args, "hflip", False),
+            getattr(args, "scales", None),
+        ),
     )
 
 
@@ -254,6 +260,7 @@ def _run_document(
             "min_area": settings.min_area,
             "resize": settings.resize,
             "input_size": list(settings.input_size),
+            **settings.extras,  # view options (hflip, scales) when not the plain single pass
             "classes": localizer.resolve_classes(args.classes) if args.classes else None,
             "top_k": None if args.classes else args.top_k,
             "backend": localizer.backend_used[0],

@@ -83,8 +83,10 @@ UPLOAD_SCHEMA = {
 
 
 def default_examples_dir() -> Path:
-    """``examples/`` of a source checkout (src/gapcam/web/app.py -> repository root)."""
-    return Path(__file__).resolve().parents[3] / "examples"
+    """``examples/`` of a source checkout (src/gapcam/web/app.py -> repository root), or, for
+    an installed wheel started from the repository, ``./examples``."""
+    checkout = Path(__file__).resolve().parents[3] / "examples"
+    return checkout if checkout.is_dir() else Path.cwd() / "examples"
 
 
 class _Service:

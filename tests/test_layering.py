@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_version": 0,
     "errors": 0,
     "types": 0,
+    "cache": 0,
     # 10: the engine parts; each knows only the vocabulary
     "images": 10,
     "cam": 10,
@@ -70,6 +71,7 @@ ONLY: dict[str, set[str]] = {
     "errors": set(),
     "types": set(),
     "_version": set(),
+    "cache": set(),
     "boxes": {"types"},
     "overlay": {"types"},
 }

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from gapcam._version import __version__
+from gapcam.cache import cache_dir
 from gapcam.errors import ModelError
 from gapcam.models.base import GapModel
 
@@ -48,14 +49,6 @@ SPINNING = "0"
 
 #: |onnx - eager| <= FEATURE_TOLERANCE * max(1, max |eager|), checked on every fresh export.
 FEATURE_TOLERANCE = 1e-3
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get("GAPCAM_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gapcam"
 
 
 def onnx_available() -> bool:

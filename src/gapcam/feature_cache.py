@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from gapcam import images
+from gapcam.cache import cache_dir
 from gapcam.errors import GapcamError
 from gapcam.models.base import GapModel, inference_state
 
@@ -36,11 +37,7 @@ KIND = "gapcam.pooled-features/1"
 
 
 def default_cache_dir() -> Path:
-    explicit = os.environ.get("GAPCAM_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gapcam"
+    return cache_dir()
 
 
 def model_key(model: GapModel) -> str:

@@ -264,3 +264,11 @@ def test_localize_cli_takes_the_view_presets(cat_path: Path, tmp_path: Path, cap
     assert document["settings"]["scales"] == [1.0, 1.5]
     assert document["results"][0]["maps"][0]["feature_size"] == [11, 11]
     assert 281 <= document["results"][0]["predictions"][0]["index"] <= 285
+
+
+def test_checkpoint_excludes_model_and_weights(cat_path: Path, tmp_path: Path, capsys) -> None:
+    from gapcam.cli import main
+
+    code = main(["localize", str(cat_path), "--checkpoint", str(tmp_path), "--model", "resnet50"])
+    assert code == 2
+    assert "the run folder names its backbone" in capsys.readouterr().err

@@ -91,9 +91,7 @@ def _add_localize(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "inputs", nargs="+", metavar="PATH", help="image files, folders (recursive), globs"
     )
-    p.add_argument(
-        "--model", default="efficientnet_lite0", help="model name (default: %(default)s)"
-    )
+    p.add_argument("--model", help="model name (default: efficientnet_lite0)")
     p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
     p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
     p.add_argument("--out", default="gapcam-out", help="output folder (default: ./%(default)s)")

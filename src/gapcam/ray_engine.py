@@ -31,6 +31,7 @@ from gapcam import images
 from gapcam.errors import GapcamError, OutputError
 from gapcam.explain import Localizer, Result
 from gapcam.export import atomic_write, encode_image
+from gapcam.models import DEFAULT_MODEL
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
 
@@ -170,7 +171,7 @@ def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
         raise GapcamError("--engine ray: --checkpoint is not supported yet; use --model/--weights")
     return {
         "localizer": {
-            "model": args.model,
+            "model": args.model or DEFAULT_MODEL,
             "weights": args.weights,
             "threshold": args.threshold,
             "normalize": args.normalize,

@@ -20,6 +20,7 @@ from gapcam._version import __version__
 from gapcam.errors import GapcamError
 from gapcam.explain import Localizer, Result, view_options
 from gapcam.export import OutputGuard, check_folder, encode_image, encode_npy, write_json
+from gapcam.models import DEFAULT_MODEL
 from gapcam.overlay import colormap_lut
 from gapcam.pipeline import (
     batched,
@@ -165,12 +166,15 @@ def _finish(
 def model_from_args(args: argparse.Namespace) -> Any:
     """``--checkpoint RUN`` (a trained head) or ``--model`` (with ``--weights``)."""
     if getattr(args, "checkpoint", None):
-        if args.weights:
-            raise GapcamError("--checkpoint and --weights: give one or the other, not both")
+        if args.weights or args.model:
+            raise GapcamError(
+                "--checkpoint and --model/--weights: the run folder names its backbone; "
+                "give one or the other, not both"
+            )
         from gapcam.models.checkpoint import load_checkpoint
 
         return load_checkpoint(args.checkpoint)
-    return args.model
+    return args.model or DEFAULT_MODEL
 
 
 def _fail(outcome: Outcome, name: str, message: str) -> None:

@@ -28,8 +28,6 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ from torch import nn
 from gapcam._version import __version__
 from gapcam.cache import cache_dir
 from gapcam.errors import ModelError
-from gapcam.models.base import GapModel
+from gapcam.models.base import GapModel, inference_state
 
 BACKENDS = ("auto", "eager", "onnx")
 OPSET = 17
@@ -156,25 +154,13 @@ def backbone_digest(model: GapModel) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for submodule, flag in flags:
-            submodule.training = flag
-
-
 def export_features(model: GapModel, size: tuple[int, int]) -> bytes:
     """The feature extractor as ONNX bytes (input ``input`` N x 3 x H x W, output ``features``),
     checked against eager on a seeded input; ``ModelError`` when it cannot be exported."""
     wrapper = _FeatureModule(model)
     probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
-    with _eval_no_grad(model.module):
+    with inference_state(model.module, tracing=True):
         expected = wrapper(probe)
         try:
             with warnings.catch_warnings():

@@ -143,15 +143,17 @@ class GapModel:
 
 
 @contextlib.contextmanager
-def inference_state(module: nn.Module) -> Iterator[None]:
+def inference_state(module: nn.Module, *, tracing: bool = False) -> Iterator[None]:
     """Put every submodule in eval mode and disable autograd; restore each flag afterwards.
 
-    The caller's model is left exactly as it was, even when the body raises.
+    The caller's model is left exactly as it was, even when the body raises. ``tracing`` uses
+    ``torch.no_grad`` instead of ``torch.inference_mode`` (an ONNX export traces the module,
+    which inference tensors do not allow).
     """
     flags = [(m, m.training) for m in module.modules()]
     try:
         module.eval()
-        with torch.inference_mode():
+        with torch.no_grad() if tracing else torch.inference_mode():
             yield
     finally:
         for submodule, flag in flags:

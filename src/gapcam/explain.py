@@ -322,7 +322,9 @@ class Localizer:
         model = self._model
         chosen = self._chosen(classes, classes_per_image, len(loaded))
         views = self.views()
-        with inference_state(model.module):
+        # the ONNX runner never calls the module: no need to walk it for eval mode
+        eager = self._runner.name == "eager"
+        with inference_state(model.module) if eager else torch.inference_mode():
             features = self._features(loaded, views)
             logits = model.logits(features[0])
             if len(features) > 1:

@@ -271,10 +271,9 @@ def to_tensor(arrays: Sequence[np.ndarray], preprocess: Preprocess) -> torch.Ten
     """Stack HxWx3 uint8 arrays into a normalised N x 3 x H x W float32 tensor."""
     import torch
 
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0
-    return (batch - mean) / std
+    batch = torch.from_numpy(np.stack(arrays)).float()  # N x H x W x 3
+    batch.sub_(torch.tensor(preprocess.mean) * 255.0).div_(torch.tensor(preprocess.std) * 255.0)
+    return batch.permute(0, 3, 1, 2).contiguous()  # one copy, into the layout runtimes expect
 
 
 def expand_inputs(

@@ -323,9 +323,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--layout", choices=("auto", "wsol", "voc", "csv"), default="auto")
     p.add_argument("--split", help="wsol split folder, VOC ImageSets/Main/SPLIT.txt, CLS-LOC/SPLIT")
     p.add_argument("--images", metavar="DIR", help="folder image paths are relative to")
-    p.add_argument(
-        "--model", default="efficientnet_lite0", help="model name (default: %(default)s)"
-    )
+    p.add_argument("--model", help="model name (default: efficientnet_lite0)")
     p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
     p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
     p.add_argument(

@@ -12,6 +12,7 @@ from gapcam.errors import GapcamError
 from gapcam.evaluate import check_class_table, evaluate, label_resolver
 from gapcam.explain import Localizer, view_options
 from gapcam.export import OutputGuard, write_json
+from gapcam.models import model_or_checkpoint
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -57,13 +58,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _localizer(args: argparse.Namespace) -> Localizer:
     views = view_options(args.preset, args.input_size, args.hflip, args.scales)
-    model: Any = args.model
-    if getattr(args, "checkpoint", None):  # a run folder made by `gapcam train`
-        if args.weights:
-            raise GapcamError("--checkpoint and --weights: give one or the other, not both")
-        from gapcam.models.checkpoint import load_checkpoint
-
-        model = load_checkpoint(args.checkpoint)
+    model = model_or_checkpoint(args.model, args.weights, getattr(args, "checkpoint", None))
     return Localizer(
         model, weights=args.weights, threshold=args.threshold, device=args.device, **views
     )

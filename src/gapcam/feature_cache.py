@@ -29,15 +29,10 @@ import numpy as np
 import torch
 
 from gapcam import images
-from gapcam.cache import cache_dir
 from gapcam.errors import GapcamError
 from gapcam.models.base import GapModel, inference_state
 
 KIND = "gapcam.pooled-features/1"
-
-
-def default_cache_dir() -> Path:
-    return cache_dir()
 
 
 def model_key(model: GapModel) -> str:

@@ -20,7 +20,7 @@ from gapcam._version import __version__
 from gapcam.errors import GapcamError
 from gapcam.explain import Localizer, Result, view_options
 from gapcam.export import OutputGuard, check_folder, encode_image, encode_npy, write_json
-from gapcam.models import DEFAULT_MODEL
+from gapcam.models import model_or_checkpoint
 from gapcam.overlay import colormap_lut
 from gapcam.pipeline import (
     batched,
@@ -82,7 +82,7 @@ def run_localize(args: argparse.Namespace) -> int:
 
 def localizer_from_args(args: argparse.Namespace) -> Localizer:
     return Localizer(
-        model_from_args(args),
+        model_or_checkpoint(args.model, args.weights, getattr(args, "checkpoint", None)),
         weights=args.weights,
         threshold=args.threshold,
         normalize=args.normalize,
@@ -161,20 +161,6 @@ def _finish(
     outcome.documents.append(document)
     if not args.quiet:
         _print_result(result, document, human)
-
-
-def model_from_args(args: argparse.Namespace) -> Any:
-    """``--checkpoint RUN`` (a trained head) or ``--model`` (with ``--weights``)."""
-    if getattr(args, "checkpoint", None):
-        if args.weights or args.model:
-            raise GapcamError(
-                "--checkpoint and --model/--weights: the run folder names its backbone; "
-                "give one or the other, not both"
-            )
-        from gapcam.models.checkpoint import load_checkpoint
-
-        return load_checkpoint(args.checkpoint)
-    return args.model or DEFAULT_MODEL
 
 
 def _fail(outcome: Outcome, name: str, message: str) -> None:

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from gapcam import train_loop
+from gapcam.cache import cache_dir
 from gapcam.errors import ModelError, TrainingError
-from gapcam.feature_cache import Extracted, FeatureCache, default_cache_dir, model_key
+from gapcam.feature_cache import Extracted, FeatureCache, model_key
 from gapcam.feature_cache import pooled_features as _pooled_features
 from gapcam.finetune import MODES, fit_last_stage
 from gapcam.models.base import GapModel
@@ -215,7 +216,7 @@ def _features(
     cache_info: dict[str, Any] = {"enabled": config.cache}
     if config.cache:
         key = model_key(model)
-        cache = FeatureCache(config.cache_dir or default_cache_dir(), key, model.num_features)
+        cache = FeatureCache(config.cache_dir or cache_dir(), key, model.num_features)
         cache_info |= {"folder": str(cache.folder), "model_key": key}
     kwargs = {"batch_size": settings["batch_size"], "quiet": config.quiet}
     train = _pooled_features(model, dataset.train, cache, label="features (train)", **kwargs)

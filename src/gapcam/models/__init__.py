@@ -2,6 +2,14 @@
 
 from gapcam.models.base import GapModel, inference_state
 from gapcam.models.custom import from_module
-from gapcam.models.registry import DEFAULT_MODEL, build_model, specs
+from gapcam.models.registry import DEFAULT_MODEL, build_model, model_or_checkpoint, specs
 
-__all__ = ["DEFAULT_MODEL", "GapModel", "build_model", "from_module", "inference_state", "specs"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "GapModel",
+    "build_model",
+    "from_module",
+    "inference_state",
+    "model_or_checkpoint",
+    "specs",
+]

@@ -132,7 +132,6 @@ class GapModel:
         hint = f"; did you mean: {', '.join(close)}?" if close else "; see `gapcam classes MODEL`"
         raise ClassSelectionError(f"class {query!r}: not a class of {self.name}{hint}")
 
-
     def _suggestions(self, wanted: str, count: int = 5) -> list[str]:
         """Names containing the query as a word first (``cat`` -> Egyptian cat, tiger cat...),
         then spelling neighbours."""

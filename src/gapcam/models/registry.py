@@ -88,3 +88,20 @@ def build_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) ->
         f"model {name!r}: unknown; {hint}`gapcam models` lists them, and any timm model "
         "is available as timm:NAME"
     )
+
+
+def model_or_checkpoint(
+    model: str | None, weights: str | Path | None = None, checkpoint: str | Path | None = None
+) -> GapModel | str:
+    """What ``--model/--weights`` or ``--checkpoint RUN`` name, as a front end passes it on:
+    a registered name (built later with the weights), or the GapModel of a training run."""
+    if checkpoint:
+        if weights or model:
+            raise ModelError(
+                "--checkpoint and --model/--weights: the run folder names its backbone; "
+                "give one or the other, not both"
+            )
+        from gapcam.models.checkpoint import load_checkpoint
+
+        return load_checkpoint(checkpoint)
+    return model or DEFAULT_MODEL

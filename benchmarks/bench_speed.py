@@ -8,7 +8,10 @@ Every row runs in its own fresh process (so each peak RSS is its own) on the sam
 ONNX export are outside the timed part. Rows, per model:
 
 - ``forward eager`` / ``forward eager, malloc kept``: the module alone on preprocessed tensors
-  (glibc default vs ``gapcam.pipeline.tune_allocator``); ``forward onnx``: ONNX Runtime;
+  (glibc default vs ``gapcam.pipeline.tune_allocator``); ``forward onnx``: ONNX Runtime, one
+  batch at a time on all cores; ``forward onnx, 2 streams``: two threads running alternate
+  batches, each with half the cores (what the gapcam pipeline does). The faster of the two onnx
+  rows is *the limit*;
 - ``gapcam cam-only``: ``Localizer.explain`` (auto backend) on decoded images, nothing written;
 - ``gapcam files->json`` / ``files->overlays``: ``gapcam localize`` (streaming pipeline, auto
   backend) from the files to JSON boxes (``--no-overlay``), and to PNG overlays + JSON;
@@ -18,7 +21,7 @@ ONNX export are outside the timed part. Rows, per model:
 - with ``--repeat R``: ``files->json`` again on the images repeated R times (copies in a
   temporary folder) to show that peak memory does not grow with the number of images.
 
-Ratios are to ``forward onnx`` (the limit) and to each peer. The children run with
+Ratios are to the limit and to each peer. ``--rows`` runs some rows only (substrings). The children run with
 OMP_WAIT_POLICY=PASSIVE (as the gapcam CLI sets by default) unless it is already set.
 """
 
@@ -43,6 +46,7 @@ ROWS = (
     "forward eager",
     "forward eager, malloc kept",
     "forward onnx",
+    "forward onnx, 2 streams",
     "gapcam cam-only",
     "gapcam files->json",
     "gapcam files->overlays",
@@ -60,6 +64,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=10, help="memory check: N x images (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best counts")
+    p.add_argument("--rows", nargs="+", help="only rows containing one of these (default: all)")
     p.add_argument(
         "--child", nargs=4, metavar=("ROW", "MODEL", "LIST", "TMP"), help=argparse.SUPPRESS
     )
@@ -92,16 +97,22 @@ def forward_row(row: str, model: Any, paths: Sequence[Path], batch: int) -> Call
 
     if row.endswith("malloc kept"):
         tune_allocator()
-    backend = make_backend(model, "onnx" if row.endswith("onnx") else "eager")
+    streams = 2 if row.endswith("2 streams") else 1
+    threads = max(1, torch.get_num_threads() // streams) if streams > 1 else 0
+    backend = make_backend(model, "onnx" if "onnx" in row else "eager", threads=threads)
     inputs = tensors(model, paths, batch)
     model.module.eval()
 
-    def run() -> None:
+    def forward(x: Any) -> None:
         with torch.inference_mode():
-            for x in inputs:
-                model.logits(backend.features(x))
+            model.logits(backend.features(x))
 
-    return run
+    if streams > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(streams)
+        return lambda: list(pool.map(forward, inputs))
+    return lambda: [forward(x) for x in inputs]
 
 
 def cam_only_row(model: Any, paths: Sequence[Path], batch: int) -> Callable[[], None]:
@@ -268,14 +279,13 @@ def machine() -> str:
 
 def table(results: list[tuple[str, str, int, dict[str, Any]]]) -> str:
     lines = [
-        "| model | path | images | img/s | x forward onnx | peak RSS MB |",
+        "| model | path | images | img/s | x limit | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    limit = {
-        m: r["count"] / r["seconds"]
-        for m, row, _, r in results
-        if row == "forward onnx" and "seconds" in r
-    }
+    limit: dict[str, float] = {}
+    for m, row, _, r in results:
+        if row.startswith("forward onnx") and "seconds" in r:
+            limit[m] = max(limit.get(m, 0.0), r["count"] / r["seconds"])
     for model, row, count, r in results:
         if "error" in r:
             lines.append(f"| {model} | {row} | {count} | failed: {r['error']} | | |")
@@ -314,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = Path(tmp) / f"{name}-{limit}"
             paths = subset(args.data, limit, folder)
             for row in ROWS:
+                if args.rows and not any(part in row for part in args.rows):
+                    continue
                 print(f"... {name}: {row}", file=sys.stderr, flush=True)
                 results.append(
                     (

@@ -51,6 +51,21 @@ def test_onnx_features_equal_eager_for_any_batch_and_size(tiny: GapModel, tmp_pa
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2  # one export per input size
 
 
+def test_onnx_features_from_several_threads_at_once(tiny: GapModel, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = backends.OnnxBackend(tiny, tmp_path, threads=1)
+    inputs = [
+        torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)
+    ]
+    with ThreadPoolExecutor(4) as pool:  # the first calls race to create the session
+        together = list(pool.map(backend.features, inputs))
+    alone = [backend.features(x) for x in inputs]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+    assert backend.threads == 1
+
+
 def test_the_model_is_left_as_it_was(tmp_path: Path) -> None:
     model = tiny_gap_model()
     model.module.train()

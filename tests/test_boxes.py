@@ -156,3 +156,37 @@ def test_box_iou_zero_area_boxes_give_zero() -> None:
 
 def test_box_iou_inverted_boxes_count_as_empty() -> None:
     assert box_iou([[4, 4, 0, 0]], [[0, 0, 4, 4]]).tolist() == [[0.0]]
+
+
+def _reference_boxes(mask: np.ndarray, min_area: float) -> list[tuple[int, int, int, int, int]]:
+    """Independent of scipy's find_objects and of any cropping: a flood fill per component."""
+    height, width = mask.shape
+    seen = np.zeros_like(mask)
+    components = []
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if seen[y, x]:
+            continue
+        stack, pixels = [(y, x)], []
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            pixels.append((cy, cx))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = cy + dy, cx + dx
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        ys, xs = zip(*pixels, strict=True)
+        components.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1, len(pixels)))
+    components.sort(key=lambda c: -c[4])  # stable: ties keep raster order of their first pixel
+    return [c for rank, c in enumerate(components) if rank == 0 or c[4] >= min_area * mask.size]
+
+
+def test_boxes_equal_a_flood_fill_on_random_masks() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        height, width = rng.integers(1, 24, size=2)
+        mask = rng.random((height, width)) < rng.random() * 0.6
+        min_area = float(rng.choice([0.0, 0.01, 0.05, 0.2]))
+        assert _xyxy(boxes_from_mask(mask, min_area)) == _reference_boxes(mask, min_area)

@@ -15,6 +15,8 @@ from conftest import EXAMPLES
 
 from gapcam import cli, pipeline
 from gapcam.errors import GapcamError, ImageError
+from gapcam.explain import Localizer
+from gapcam.models import GapModel
 
 
 def _square(n: int) -> int:
@@ -136,10 +138,36 @@ def test_auto_backend_is_reported_and_agrees_with_eager(
     assert list((tmp_path / "cache" / "onnx").glob("efficientnet_lite0-*.onnx"))
 
 
+@pytest.mark.slow
+def test_two_onnx_streams_equal_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    options = ("--no-overlay", "--backend", "onnx", "--batch-size", "1")
+    one, _ = _localize(tmp_path, "one", *options, "--workers", "0")
+    two, _ = _localize(tmp_path, "two", *options, "--workers", "2", "--streams", "2")
+    assert [r["input"] for r in two["results"]] == [r["input"] for r in one["results"]]
+    for a, b in zip(one["results"], two["results"], strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        assert [m["boxes"] for m in a["maps"]] == [m["boxes"] for m in b["maps"]]
+        for p, q in zip(a["predictions"], b["predictions"], strict=True):
+            assert p["probability"] == pytest.approx(q["probability"], abs=1e-6)
+    assert two["errors"] == one["errors"]
+
+
+def test_streams_follow_the_backend(
+    tiny: GapModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path))
+    assert Localizer(tiny, backend="eager", streams=2).concurrency == 1  # eval mode is shared
+    assert Localizer(tiny, backend="onnx", streams=2).concurrency == 2
+    with pytest.raises(GapcamError, match="streams=0: give a positive integer"):
+        Localizer(tiny, streams=0)
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
         (("--workers", "-1"), "-1 is not 0 or a positive integer"),
+        (("--streams", "0"), "--streams"),
         (("--backend", "tpu"), "invalid choice: 'tpu'"),
         (("--engine", "spark"), "invalid choice: 'spark'"),
     ],

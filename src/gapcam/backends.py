@@ -27,6 +27,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,12 @@ class _FeatureModule(nn.Module):
 
 
 class OnnxBackend:
-    """ONNX Runtime on the CPU; one exported model (and session) per input size."""
+    """ONNX Runtime on the CPU; one exported model (and session) per input size.
+
+    ``threads``: intra-op threads per run (default: torch's thread count). ``features`` may be
+    called from several threads at once (ONNX Runtime sessions are thread-safe): see
+    ``Localizer(streams=...)``, which gives each of its streams a share of the cores.
+    """
 
     name = "onnx"
 
@@ -98,12 +104,16 @@ class OnnxBackend:
         self.note = ""
         self._digest = backbone_digest(model)
         self._sessions: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         session = self._sessions.get(size)
         if session is None:
-            session = self._sessions[size] = self._session(size)
+            with self._lock:  # one export per size, however many threads ask at once
+                session = self._sessions.get(size)
+                if session is None:
+                    session = self._sessions[size] = self._session(size)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         (out,) = session.run(None, {"input": array})
         return torch.from_numpy(out)
@@ -233,24 +243,26 @@ def make_backend(
     choice: str = "auto",
     size: tuple[int, int] | None = None,
     root: Path | None = None,
+    threads: int = 0,
 ) -> Any:
     """The backend for ``choice`` (see ``BACKENDS``); ``auto`` falls back to eager with a note.
 
     ``auto`` tries the ONNX export for ``size`` (default: the model's input size) at once, so that an
-    unexportable model falls back here rather than in the middle of a run.
+    unexportable model falls back here rather than in the middle of a run. ``threads``: ONNX
+    Runtime's intra-op threads (0: torch's thread count).
     """
     if choice not in BACKENDS:
         raise ModelError(f"backend={choice!r}: use one of {', '.join(BACKENDS)}")
     if choice == "eager":
         return EagerBackend(model)
     if choice == "onnx":
-        return OnnxBackend(model, root)
+        return OnnxBackend(model, root, threads)
     if not onnx_available():
         return EagerBackend(model, "onnxruntime is not installed (pip install 'gapcam[fast]')")
     if model.device.type != "cpu" or model.weight.dtype != torch.float32:
         return EagerBackend(model, f"the model is {model.weight.dtype} on {model.device}")
     try:
-        backend = OnnxBackend(model, root)
+        backend = OnnxBackend(model, root, threads)
         backend.features(torch.zeros(1, 3, *(size or model.preprocess.size)))
     except ModelError as exc:
         return EagerBackend(model, str(exc))

@@ -33,20 +33,31 @@ def boxes_from_map(
 
 def boxes_from_mask(mask: np.ndarray, min_area: float = 0.0) -> tuple[Box, ...]:
     """Boxes of the 8-connected components of a boolean H x W mask, largest first."""
-    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
-    if count == 0:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
         return ()
+    cols = np.flatnonzero(mask.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    # label only the mask's bounding rectangle: components never leave it
+    crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    labels, count = ndimage.label(crop, structure=EIGHT_CONNECTED)
+    if count == 1:  # the common case: one component, whose box is the rectangle itself
+        return (Box(left, top, int(cols[-1]) + 1, int(rows[-1]) + 1, int(crop.sum())),)
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    slices = ndimage.find_objects(labels)
     order = np.argsort(-areas, kind="stable")
     smallest = min_area * mask.size
-    boxes = []
-    for rank, index in enumerate(order):
-        if rank > 0 and areas[index] < smallest:
-            break
-        rows, cols = slices[index]
-        boxes.append(Box(cols.start, rows.start, cols.stop, rows.stop, int(areas[index])))
-    return tuple(boxes)
+    kept = [index for rank, index in enumerate(order) if rank == 0 or areas[index] >= smallest]
+    slices = ndimage.find_objects(labels, max_label=int(max(kept)) + 1)
+    return tuple(
+        Box(
+            left + slices[i][1].start,
+            top + slices[i][0].start,
+            left + slices[i][1].stop,
+            top + slices[i][0].stop,
+            int(areas[i]),
+        )
+        for i in kept
+    )
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

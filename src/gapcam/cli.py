@@ -169,6 +169,13 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
         type=_workers,
         help="decoding and writing threads each (default: the core count, 2..16; 0: sequential)",
     )
+    p.add_argument(
+        "--streams",
+        type=_positive,
+        metavar="N",
+        help="forward passes run at once with the onnx backend, each on its share of the cores "
+        "(default: 2 on a multi-core machine; 1 with --workers 0)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
     p.add_argument(
         "--engine",

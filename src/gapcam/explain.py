@@ -169,6 +169,11 @@ class Localizer:
     the finest feature grid, which is what ``ClassMap.low_res`` then holds) before the
     normalisation. ``backend`` runs the feature extractor: ``eager`` (PyTorch, the default
     here), ``onnx`` (ONNX Runtime, ~3x faster on a CPU) or ``auto`` (see ``gapcam.backends``).
+
+    ``streams``: how many threads will call ``explain`` at once (the ``gapcam localize``
+    pipeline runs 2). With the ONNX backend each stream gets its share of torch's threads, so
+    one stream's resizing and CAM post-processing overlaps the other's forward pass; see
+    ``concurrency`` for what the backend allows (the eager backend: one call at a time).
     """
 
     model: GapModel | str = DEFAULT_MODEL
@@ -185,6 +190,7 @@ class Localizer:
     hflip: bool = False
     scales: tuple[float, ...] = (1.0,)
     backend: str = "eager"
+    streams: int = 1
     _runner: Any = field(init=False, repr=False)
 
     @classmethod
@@ -209,6 +215,8 @@ class Localizer:
         if self.resize not in RESIZE_MODES:
             raise GapcamError(f"resize={self.resize!r}: use one of {RESIZE_MODES}")
         self._check_views()
+        if not isinstance(self.streams, int) or self.streams < 1:
+            raise GapcamError(f"streams={self.streams!r}: give a positive integer")
         device = None if self.device is None else check_device(self.device)
         if isinstance(self.model, GapModel):
             self._model = self.model
@@ -216,11 +224,20 @@ class Localizer:
             self._model = build_model(self.model, self.weights)
         if device is not None and device != self._model.device:
             self._model.module.to(device)  # asked for explicitly: a given model moves too
-        self._runner = make_backend(self._model, self.backend, self.preprocess.size)
+        threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
+        self._runner = make_backend(
+            self._model, self.backend, self.preprocess.size, threads=threads
+        )
 
     @property
     def gap_model(self) -> GapModel:
         return self._model
+
+    @property
+    def concurrency(self) -> int:
+        """How many threads may call ``explain`` at once: ``streams`` with the ONNX backend;
+        1 with eager (its calls switch the module to eval mode and back)."""
+        return self.streams if self._runner.name == "onnx" else 1
 
     @property
     def backend_used(self) -> tuple[str, str]:
@@ -341,18 +358,20 @@ class Localizer:
         low = lows[0] if len(lows) == 1 else cam.merge_views(lows, [f for _, f in views])
         grid = max(range(len(views)), key=lambda v: lows[v].shape[-2] * lows[v].shape[-1])
         preprocess = views[grid][0]
-        mapped, logits, probabilities, top_i = (
-            t.cpu() for t in (mapped, logits, probabilities, top_i)
+        settings = self.settings()
+        mapped_rows, logit_rows, probability_rows, top_rows = (
+            t.cpu().tolist() for t in (mapped, logits, probabilities, top_i[:, :k])
         )
         return [
             self._result(
                 item,
                 low[i : i + 1],
-                mapped[i],
-                logits[i],
-                probabilities[i],
-                top_i[i, :k],
+                mapped_rows[i],
+                logit_rows[i],
+                probability_rows[i],
+                top_rows[i],
                 preprocess,
+                settings,
             )
             for i, item in enumerate(loaded)
         ]
@@ -403,18 +422,17 @@ class Localizer:
         self,
         item: images.LoadedImage,
         low: torch.Tensor,
-        mapped: torch.Tensor,
-        logits: torch.Tensor,
-        probabilities: torch.Tensor,
-        top: torch.Tensor,
+        mapped: list[int],
+        logits: list[float],
+        probabilities: list[float],
+        top: list[int],
         preprocess: Preprocess,
+        settings: Settings,
     ) -> Result:
         names = self._model.class_names
 
         def prediction(index: int) -> Prediction:
-            return Prediction(
-                index, names[index], float(probabilities[index]), float(logits[index])
-            )
+            return Prediction(index, names[index], probabilities[index], logits[index])
 
         width, height = item.size
         _, region = images.fit_region(width, height, preprocess)
@@ -429,15 +447,15 @@ class Localizer:
                 raw_min=float(low_np[j].min()),
                 raw_max=float(low_np[j].max()),
             )
-            for j, c in enumerate(mapped.tolist())
+            for j, c in enumerate(mapped)
         )
         return Result(
             name=item.name,
             image=item.image,
-            predictions=tuple(prediction(int(i)) for i in top.tolist()),
+            predictions=tuple(prediction(i) for i in top),
             maps=maps,
             normalized=normalized,
-            settings=self.settings(),
+            settings=settings,
             region=region,
             path=item.path,
             notes=item.notes,

@@ -1,13 +1,16 @@
 """A streaming pipeline over many images: parallel decoding, batched inference on the calling
 thread, rendering/encoding/writing on worker threads, bounded queues everywhere.
 
-    files -> [readers: decode] -> batches -> [caller: forward, CAMs, boxes] -> [writers: overlay,
-    encode, atomic write] -> documents, in input order
+    files -> [readers: decode] -> batches -> [streams: resize, forward, CAMs, boxes]
+          -> [writers: overlay, encode, atomic write] -> documents, in input order
 
 At most ``window`` items wait at each stage, so memory stays flat however many images there
-are. Decoding (libjpeg/zlib), resizing and PNG encoding release the GIL, so threads run them in
-parallel with the forward pass (which uses its own thread pool). ``workers=0`` runs everything
-on the calling thread (the plain sequential loop).
+are. Decoding (libjpeg/zlib), resizing, ONNX Runtime and PNG encoding release the GIL, so
+threads run them in parallel. With the ONNX backend two *streams* (inference threads, each
+with half of the cores for ONNX Runtime) explain alternate batches: while one runs its forward
+pass, the other resizes its inputs and turns its features into CAMs and boxes, work that would
+otherwise leave cores idle between forward passes (measured in benchmarks/bench_speed.py).
+``workers=0`` runs everything on the calling thread (the plain sequential loop).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ A bad input is reported (one line naming the file) and counted; the rest of the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -33,6 +34,9 @@ from gapcam.pipeline import (
 from gapcam.pipeline import outcome as pipeline_outcome
 
 PROGRESS_AFTER = 3
+
+#: concurrent forward passes in the pipeline (module doc of gapcam.pipeline)
+DEFAULT_STREAMS = 2
 
 
 @dataclass
@@ -91,6 +95,7 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
         device=args.device,
         max_pixels=args.max_pixels,
         backend=getattr(args, "backend", None) or "eager",
+        streams=_streams(args),
         **view_options(
             getattr(args, "preset", None),
             getattr(args, "input_size", None),
@@ -98,6 +103,16 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
             getattr(args, "scales", None),
         ),
     )
+
+
+def _streams(args: argparse.Namespace) -> int:
+    """Concurrent ``explain`` calls: ``--streams``, else 2 on a multi-core machine for the
+    pipeline (1 with ``--workers 0``, the plain sequential loop)."""
+    streams = getattr(args, "streams", None)
+    if streams:
+        return int(streams)
+    sequential = getattr(args, "workers", None) == 0
+    return 1 if sequential or (os.cpu_count() or 1) < 2 else DEFAULT_STREAMS
 
 
 def _stream(
@@ -109,7 +124,8 @@ def _stream(
     human: TextIO,
     progress: Any,
 ) -> None:
-    """Decode on reader threads, explain batches here, write on writer threads (module doc)."""
+    """Decode on reader threads, explain batches on ``localizer.concurrency`` inference threads
+    (here when 1), write on writer threads (``gapcam.pipeline``'s module doc)."""
     workers = args.workers if args.workers is not None else default_workers()
     batch_size = args.batch_size or default_batch_size()
 
@@ -119,20 +135,27 @@ def _stream(
     def write(result: Result, target: Path) -> dict[str, Any]:
         return _write_outputs(result, Path(args.out) / target, args, guard)
 
+    def explain(group: tuple[list[tuple[Any, images.LoadedImage]], Any]) -> list[Result]:
+        return localizer.explain(
+            [item for _, item in group[0]],
+            classes=args.classes,
+            cam_top_k=args.top_k,
+            top_k=max(5, args.top_k),
+        )
+
+    streams = localizer.concurrency if workers > 0 else 1
     with ExitStack() as stack:
         readers = executor(workers, stack, "read")
         writers = executor(workers, stack, "write")
-        loads = ordered_map(load, jobs, readers, window=2 * batch_size + workers)
+        inference = executor(streams if streams > 1 else 0, stack, "infer")
+        loads = ordered_map(load, jobs, readers, window=(1 + streams) * batch_size + workers)
+        groups = ordered_map(explain, batched(loads, batch_size), inference, window=streams)
         pending: deque[tuple[Result, Future[dict[str, Any]]]] = deque()
-        for good, bad in batched(loads, batch_size):
+        for (good, bad), results in groups:
             for ((path, _), _), error in bad:
                 _fail(outcome, str(path), str(error))
-            results = localizer.explain(
-                [item for _, item in good],
-                classes=args.classes,
-                cam_top_k=args.top_k,
-                top_k=max(5, args.top_k),
-            )
+            if isinstance(results, GapcamError):
+                raise results  # a model error stops the run, as on the sequential path
             for (job, _), result in zip(good, results, strict=True):
                 pending.append((result, writers.submit(write, result, job[1])))
             while len(pending) > batch_size + 2 * workers:

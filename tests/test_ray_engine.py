@@ -1,19 +1,24 @@
 """`gapcam localize --engine ray` on a local Ray instance (2 CPUs) started by this module:
-Parquet rows equal the single-process path, failures are rows, sources are listed right."""
+Parquet rows equal the single-process path (also with --checkpoint), failures are rows, sources
+are listed right."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import EXAMPLES
 
 import gapcam
 from gapcam import cli
-from gapcam.ray_engine import list_sources
+from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
+from gapcam.ray_engine import actor_options, list_sources
 
 ray = pytest.importorskip("ray")  # gapcam[ray] is part of the test extra
 pq = pytest.importorskip("pyarrow.parquet")
@@ -39,6 +44,29 @@ def source(tmp_path: Path) -> Path:
         "# one per line\nimages/cat.png\n\nimages/broken.jpg\nimages/sub/coffee.jpg\n"
     )
     return manifest
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    """A run folder as `gapcam train` writes it (model.safetensors + gapcam.json): the embedded
+    efficientnet_lite0 with a seeded 3-class head, written without training."""
+    names = ["circle", "square", "triangle"]
+    model = replace_classifier(gapcam.build_model("efficientnet_lite0"), names)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.classifier.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    metadata = {
+        "backbone": "efficientnet_lite0",
+        "backbone_weights": None,
+        "class_names": names,
+        "preprocess": dataclasses.asdict(model.preprocess),
+    }
+    run = tmp_path / "shapes-run"
+    run.mkdir()
+    for name, data in checkpoint_files(trained_tensors(model), metadata).items():
+        (run / name).write_bytes(data)
+    return run
 
 
 def test_sources_are_manifests_folders_globs_and_uris(source: Path) -> None:
@@ -92,6 +120,61 @@ def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) ->
 
 
 @pytest.mark.usefixtures("local_ray")
+def test_ray_rows_with_a_checkpoint_equal_the_local_engines(
+    run_folder: Path, tmp_path: Path
+) -> None:
+    inputs = [str(EXAMPLES / "cat.png"), str(EXAMPLES / "coffee.jpg")]
+    common = ["--checkpoint", str(run_folder), "--top-k", "2", "--backend", "eager", "-q"]
+    report = tmp_path / "local.json"
+    local = ["localize", *inputs, *common, "--no-overlay", "--json", str(report)]
+    assert cli.main([*local, "--out", str(tmp_path / "local")]) == 0
+    out = tmp_path / "out"
+    ray_args = ["localize", "--engine", "ray", *inputs, *common, "--batch-size", "2"]
+    assert cli.main([*ray_args, "--out", str(out)]) == 0
+
+    rows = pq.read_table(out / "parquet").to_pylist()
+    results = json.loads(report.read_text())["results"]
+    assert [r["path"] for r in rows] == [r["input"] for r in results] == inputs
+    for row, result in zip(rows, results, strict=True):
+        assert row["error"] is None
+        assert row["names"] == [p["name"] for p in result["predictions"]]
+        assert sorted(row["names"]) == ["circle", "square", "triangle"]
+        assert row["classes"] == [p["index"] for p in result["predictions"]]
+        np.testing.assert_allclose(
+            row["scores"], [p["probability"] for p in result["predictions"]], atol=1e-3
+        )
+        assert row["map_classes"] == [m["index"] for m in result["maps"]]
+        assert row["boxes"] == [[b["xyxy"] for b in m["boxes"]] for m in result["maps"]]
+        assert Path(row["overlay"]).is_file()
+
+
+@pytest.mark.parametrize("extra", [["--model", "resnet18"], ["--weights", "w.safetensors"]])
+def test_checkpoint_with_model_or_weights_is_refused_as_by_the_local_engine(
+    extra: list[str], run_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(EXAMPLES / "cat.png"), "--checkpoint", str(run_folder), *extra, "-q"]
+    assert cli.main(["localize", *args, "--out", str(tmp_path / "local")]) == 2
+    local = capsys.readouterr().err
+    code = cli.main(["localize", "--engine", "ray", *args, "--out", str(tmp_path / "ray")])
+    assert code == 2
+    assert capsys.readouterr().err == local
+    assert "--checkpoint and --model/--weights" in local
+    assert not (tmp_path / "ray").exists()
+
+
+def test_a_folder_without_gapcam_json_is_refused_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["localize", "--engine", "ray", str(EXAMPLES / "cat.png"), "--checkpoint", str(tmp_path)]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"gapcam: error: --checkpoint {tmp_path}: no gapcam.json in it; "
+        "give a folder made by `gapcam train`"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("local_ray")
 def test_an_existing_out_is_refused_before_any_work(
     source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,3 +200,12 @@ def test_without_ray_the_error_says_what_to_install(
     assert capsys.readouterr().err.strip() == (
         "gapcam: error: --engine ray needs Ray Data: pip install 'gapcam[ray]'"
     )
+
+
+def test_actors_get_the_view_options_and_precision(tmp_path: Path) -> None:
+    argv = ["localize", "x", "--engine", "ray", "--out", str(tmp_path / "out")]
+    argv += ["--preset", "best", "--hflip", "--precision", "bfloat16"]
+    options = actor_options(cli.build_parser().parse_args(argv), tmp_path)["localizer"]
+    assert options["scales"] == (1.0, 1.5)
+    assert options["hflip"] is True
+    assert options["precision"] == "bfloat16"

@@ -11,9 +11,13 @@ width, height, top-k ``classes``/``names``/``scores``, ``map_classes``, ``boxes`
 in original pixels, largest first), ``cam`` (the raw low-res maps, float16 bytes of shape
 ``cam_shape`` = k x h x w) and ``overlay`` (path of the overlay image, unless --no-overlay).
 
+The model is ``--model``/``--weights`` or ``--checkpoint RUN`` (a run folder made by ``gapcam
+train``), as with the local engine: the actors get the run folder's path in their options and
+each loads it with ``load_checkpoint`` (safetensors and JSON: nothing is unpickled).
+
 Connect to a cluster with ``--ray-address ray://HEAD:10001`` (or ``$RAY_ADDRESS``); without one
-a local Ray instance is started. OUT and the image paths must then be reachable from every node
-(a shared filesystem, or URIs).
+a local Ray instance is started. OUT, the image paths and the --checkpoint folder must then be
+reachable from every node (a shared filesystem, or URIs for the images).
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from typing import Any
 
 from gapcam import images
 from gapcam.errors import GapcamError, OutputError
-from gapcam.explain import Localizer, Result
+from gapcam.explain import Localizer, Result, view_options
 from gapcam.export import atomic_write, encode_image
-from gapcam.models import DEFAULT_MODEL
+from gapcam.models import model_or_checkpoint
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
 
@@ -127,7 +131,11 @@ class LocalizeActor:
 
         torch.set_num_threads(max(1, threads))
         self.options = options
-        self.localizer = Localizer(**options["localizer"])
+        settings = dict(options["localizer"])
+        model = model_or_checkpoint(
+            settings.pop("model"), settings["weights"], options.get("checkpoint")
+        )
+        self.localizer = Localizer(model, **settings)
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         import pyarrow as pa
@@ -167,11 +175,11 @@ class LocalizeActor:
 
 
 def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
-    if getattr(args, "checkpoint", None):
-        raise GapcamError("--engine ray: --checkpoint is not supported yet; use --model/--weights")
+    """The plain (picklable) settings every actor builds its Localizer from."""
     return {
+        "checkpoint": _checkpoint(args),
         "localizer": {
-            "model": args.model or DEFAULT_MODEL,
+            "model": args.model,
             "weights": args.weights,
             "threshold": args.threshold,
             "normalize": args.normalize,
@@ -180,6 +188,13 @@ def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
             "device": args.device,
             "max_pixels": args.max_pixels,
             "backend": args.backend or "auto",
+            "precision": getattr(args, "precision", None) or "float32",
+            **view_options(
+                getattr(args, "preset", None),
+                getattr(args, "input_size", None),
+                getattr(args, "hflip", False),
+                getattr(args, "scales", None),
+            ),
         },
         "max_pixels": args.max_pixels,
         "classes": args.classes,
@@ -192,6 +207,20 @@ def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
     }
 
 
+def _checkpoint(args: argparse.Namespace) -> str | None:
+    """``--checkpoint RUN`` as an absolute path for the actors (None without one), checked here
+    first so that a bad run folder fails before Ray starts, with the local engine's messages."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if not checkpoint:
+        return None
+    if args.model or args.weights:
+        model_or_checkpoint(args.model, args.weights, checkpoint)  # refuses the mix
+    from gapcam.models.checkpoint import read_metadata
+
+    read_metadata(Path(checkpoint))
+    return str(Path(checkpoint).resolve())
+
+
 def run_ray(args: argparse.Namespace) -> int:
     """The Ray job: list, map with actors, write Parquet; returns the exit code."""
     try:
@@ -201,6 +230,7 @@ def run_ray(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite or choose another --out")
+    _checkpoint(args)  # a bad --checkpoint fails here, before Ray starts
     paths, problems = list_sources(args.inputs)
     paths = paths[: args.limit] if args.limit else paths
     for message in problems:

@@ -16,6 +16,7 @@ from conftest import EXAMPLES, tiny_gap_model
 
 import gapcam
 from gapcam import backends
+from gapcam.boxes import box_iou
 from gapcam.errors import ModelError
 from gapcam.models import GapModel, inference_state
 
@@ -168,3 +169,62 @@ def test_devices_that_are_not_here_get_one_line(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ModelError, match=r"^--device mps: MPS \(Apple GPU\) is not available"):
         gapcam.Localizer(device="mps")
+
+
+def test_built_in_models_run_channels_last_with_the_same_values() -> None:
+    model = gapcam.build_model("resnet18", "random")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = _eager_features(model, x)
+    backend = backends.make_backend(model, "eager")
+    assert backend.channels_last
+    assert model.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with inference_state(model.module):
+        got = backend.features(x)
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 1e-5 * scale
+
+
+def test_custom_modules_keep_their_layout(tiny: GapModel) -> None:
+    backend = backends.make_backend(tiny, "eager")
+    assert not backend.channels_last
+    assert all(p.is_contiguous() for p in tiny.module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("choice", "precision", "message"),
+    [
+        ("eager", "float16", "float16 needs a GPU"),
+        ("onnx", "bfloat16", "backend 'onnx' runs float32; for bfloat16 use --backend eager"),
+        ("eager", "int8", "precision='int8': use one of float32, bfloat16, float16"),
+    ],
+)
+def test_precisions_the_backend_cannot_run_are_refused(
+    tiny: GapModel, choice: str, precision: str, message: str
+) -> None:
+    with pytest.raises(ModelError, match=message):
+        backends.make_backend(tiny, choice, precision=precision)
+
+
+def test_auto_runs_bfloat16_on_eager_and_says_so(tiny: GapModel) -> None:
+    backend = backends.make_backend(tiny, "auto", precision="bfloat16")
+    assert (backend.name, backend.note) == ("eager", "bfloat16 runs on the eager backend")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with inference_state(tiny.module):
+        assert backend.features(x).dtype == torch.float32  # CAMs are computed in float32
+
+
+@pytest.mark.slow
+def test_bfloat16_stays_within_the_stated_tolerance(
+    embedded_model: GapModel, localizer: gapcam.Localizer
+) -> None:
+    """Stated (docs/speed.md, measured on the 300 dev images): the same top class, normalised
+    CAMs within 0.1 and box IoU >= 0.9 of float32."""
+    fast = gapcam.Localizer(embedded_model, backend="eager", precision="bfloat16")
+    assert fast.settings().extras == {"precision": "bfloat16"}
+    for path in (EXAMPLES / "cat.png", EXAMPLES / "coffee.jpg"):
+        reference = localizer(path)
+        result = fast(path, classes=[reference.top.index])
+        assert fast(path).top.index == reference.top.index
+        assert float(np.abs(result.cam() - reference.cam()).max()) <= 0.1
+        box, expected = result.maps[0].boxes[0], reference.maps[0].boxes[0]
+        assert box_iou(np.array([box.as_list()]), np.array([expected.as_list()]))[0, 0] >= 0.9

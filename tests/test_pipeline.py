@@ -179,3 +179,19 @@ def test_speed_options_are_checked(
         cli.main(["localize", "x.png", *option])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_precision_is_checked_and_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = str(EXAMPLES / "cat.png")
+    assert cli.main(["localize", cat, "--out", str(tmp_path / "a"), "--precision", "float16"]) == 2
+    assert "float16 needs a GPU (--device cuda or mps); on a CPU use bfloat16" in (
+        capsys.readouterr().err
+    )
+    report = tmp_path / "b.json"
+    argv = ["localize", cat, "--out", str(tmp_path / "b"), "--json", str(report), "--no-overlay"]
+    assert cli.main([*argv, "--precision", "bfloat16", "-q"]) == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert (settings["precision"], settings["backend"]) == ("bfloat16", "eager")
+    assert settings["backend_note"] == "bfloat16 runs on the eager backend"

@@ -177,6 +177,7 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
         "(default: 2 on a multi-core machine; 1 with --workers 0)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    _add_precision(p)
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -350,8 +351,19 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:  # type: ignore
         help="leave out images with bad annotations (listed in the output) instead of stopping",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
+    _add_precision(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="forward-pass precision (eager backend): bfloat16 is ~1.7x faster on CPUs with "
+        "AVX512-BF16/AMX, float16 is for GPUs; CAMs move by ~2%% (default: %(default)s)",
+    )
 
 
 def _add_view_options(p: argparse.ArgumentParser) -> None:

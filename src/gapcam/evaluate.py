@@ -236,6 +236,7 @@ def _settings_part(localizer: Localizer) -> dict[str, Any]:
         "input_size": list(settings.input_size),
         "hflip": localizer.hflip,
         "scales": list(localizer.scales),
+        "precision": localizer.precision,
         "cam_thresholds": "0.00 to 0.99 step 0.01, pixels >= threshold",
         "iou": "inclusive pixels: area = (x1 - x0 + 1) * (y1 - y0 + 1)",
         "connectivity": 8,

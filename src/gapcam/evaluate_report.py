@@ -60,7 +60,12 @@ def _localizer(args: argparse.Namespace) -> Localizer:
     views = view_options(args.preset, args.input_size, args.hflip, args.scales)
     model = model_or_checkpoint(args.model, args.weights, getattr(args, "checkpoint", None))
     return Localizer(
-        model, weights=args.weights, threshold=args.threshold, device=args.device, **views
+        model,
+        weights=args.weights,
+        threshold=args.threshold,
+        device=args.device,
+        precision=args.precision,
+        **views,
     )
 
 

@@ -96,6 +96,7 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
         max_pixels=args.max_pixels,
         backend=getattr(args, "backend", None) or "eager",
         streams=_streams(args),
+        precision=getattr(args, "precision", None) or "float32",
         **view_options(
             getattr(args, "preset", None),
             getattr(args, "input_size", None),

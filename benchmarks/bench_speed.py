@@ -15,6 +15,7 @@ ONNX export are outside the timed part. Rows, per model:
 - ``gapcam cam-only``: ``Localizer.explain`` (auto backend) on decoded images, nothing written;
 - ``gapcam files->json`` / ``files->overlays``: ``gapcam localize`` (streaming pipeline, auto
   backend) from the files to JSON boxes (``--no-overlay``), and to PNG overlays + JSON;
+  ``files->json, bfloat16``: the same with ``--precision bfloat16`` (eager, autocast);
 - ``torchcam CAM`` / ``grad-cam GradCAM``: the peers on the same task, files -> top-1 CAM ->
   upsampled, min-max normalised, box at 0.2 (gapcam's box function) -> one JSON file. They need
   ``pip install torchcam grad-cam`` (benchmark environment only, not gapcam dependencies);
@@ -49,6 +50,7 @@ ROWS = (
     "forward onnx, 2 streams",
     "gapcam cam-only",
     "gapcam files->json",
+    "gapcam files->json, bfloat16",
     "gapcam files->overlays",
     "torchcam CAM",
     "grad-cam GradCAM",
@@ -99,13 +101,14 @@ def forward_row(row: str, model: Any, paths: Sequence[Path], batch: int) -> Call
         tune_allocator()
     streams = 2 if row.endswith("2 streams") else 1
     threads = max(1, torch.get_num_threads() // streams) if streams > 1 else 0
-    backend = make_backend(model, "onnx" if "onnx" in row else "eager", threads=threads)
+    # eager rows: the plain module (default layout), as a user's loop runs it
+    features = make_backend(model, "onnx", threads=threads).features if "onnx" in row else None
     inputs = tensors(model, paths, batch)
     model.module.eval()
 
     def forward(x: Any) -> None:
         with torch.inference_mode():
-            model.logits(backend.features(x))
+            model.logits(features(x) if features else model.features(x))
 
     if streams > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +139,10 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
 
         save_file(build(name).module.state_dict(), str(tmp / "w.safetensors"))
         argv += ["--weights", str(tmp / "w.safetensors")]
-    if row.endswith("json"):
+    if "json" in row:
         argv.append("--no-overlay")
+    if row.endswith("bfloat16"):
+        argv += ["--precision", "bfloat16"]
     parser = cli.build_parser()
     runs = iter(range(1000))
 
@@ -300,12 +305,11 @@ def peers(results: list[tuple[str, str, int, dict[str, Any]]]) -> list[str]:
     rates = {(m, row): r["count"] / r["seconds"] for m, row, _, r in results if "seconds" in r}
     notes = []
     for model in dict.fromkeys(m for m, *_ in results):
-        ours = rates.get((model, "gapcam files->json"))
-        for peer in ("torchcam CAM", "grad-cam GradCAM"):
-            if ours and (model, peer) in rates:
-                notes.append(
-                    f"{model}: gapcam files->json = {ours / rates[(model, peer)]:.1f}x {peer}"
-                )
+        for row in ("gapcam files->json", "gapcam files->json, bfloat16"):
+            ours = rates.get((model, row))
+            for peer in ("torchcam CAM", "grad-cam GradCAM"):
+                if ours and (model, peer) in rates:
+                    notes.append(f"{model}: {row} = {ours / rates[(model, peer)]:.1f}x {peer}")
     return notes
 
 

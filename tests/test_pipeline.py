@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES
 
-from gapcam import cli, pipeline
+from gapcam import cli, export, pipeline
 from gapcam.errors import GapcamError, ImageError
 from gapcam.explain import Localizer
 from gapcam.models import GapModel
@@ -195,3 +195,32 @@ def test_precision_is_checked_and_recorded(
     settings = json.loads(report.read_text())["settings"]
     assert (settings["precision"], settings["backend"]) == ("bfloat16", "eager")
     assert settings["backend_note"] == "bfloat16 runs on the eager backend"
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+@pytest.mark.parametrize("failures", [0, 2])
+def test_streamed_json_equals_the_whole_document(tmp_path: Path, count: int, failures: int) -> None:
+    head = {"schema": "gapcam.localize/1", "settings": {"model": "m", "extras": {}, "k": [1, 2]}}
+    results = [
+        {"input": f"é{i}.png", "maps": [{"boxes": [[0, 1, 2, 3]]}], "n": []} for i in range(count)
+    ]
+    errors = [{"input": f"bad{i}", "error": "corrupt"} for i in range(failures)]
+    target = tmp_path / "out.json"
+    sink = export.JsonStream(str(target), head, export.OutputGuard())
+    assert not target.exists()  # only a temporary file while the run goes on
+    for result in results:
+        sink.add(result)
+    sink.close(errors)
+    expected = export.encode_json({**head, "results": results, "errors": errors})
+    assert target.read_bytes() == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_an_aborted_json_stream_leaves_nothing(tmp_path: Path) -> None:
+    sink = export.JsonStream(str(tmp_path / "out.json"), {"schema": "x"}, export.OutputGuard())
+    sink.add({"input": "a"})
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out.json").write_text("{}")
+    with pytest.raises(GapcamError, match="already exists"):
+        export.JsonStream(str(tmp_path / "out.json"), {}, export.OutputGuard())

@@ -119,20 +119,25 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
     temp = None
     try:
         temp = _write_temp(target, data)
-        if overwrite:
-            os.replace(temp, target)
-        else:
-            try:
-                os.link(temp, target)  # fails if the target appeared meanwhile: never clobbers
-            except FileExistsError as exc:
-                raise OutputError(f"{target}: already exists; pass --overwrite") from exc
-            temp.unlink()
+        _place(temp, target, overwrite)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
     finally:
         if temp is not None and temp.exists():
             temp.unlink()
     return target
+
+
+def _place(temp: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished temporary file to ``target`` (replacing it only when ``overwrite``)."""
+    if overwrite:
+        os.replace(temp, target)
+        return
+    try:
+        os.link(temp, target)  # fails if the target appeared meanwhile: never clobbers
+    except FileExistsError as exc:
+        raise OutputError(f"{target}: already exists; pass --overwrite") from exc
+    temp.unlink()
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 92) -> bytes:
@@ -165,3 +170,74 @@ def write_json(document: Any, destination: str, guard: OutputGuard) -> None:
         sys.stdout.flush()
         return
     guard.write_bytes(Path(destination), encode_json(document))
+
+
+class JsonStream:
+    """``{**head, "results": [...], "errors": [...]}`` written while the results come in, so a
+    run holds no list of them: to a temporary file next to ``destination``, moved into place by
+    ``close`` (as ``atomic_write`` does; ``abort`` removes it), or to standard output for ``-``.
+    The bytes equal ``encode_json`` of the whole document."""
+
+    def __init__(self, destination: str, head: Mapping[str, Any], guard: OutputGuard) -> None:
+        self.target = None if destination == "-" else Path(destination)
+        self.guard = guard
+        self.count = 0
+        self.temp: Path | None = None
+        if self.target is None:
+            sys.stdout.flush()  # anything printed before goes first
+            self.stream: Any = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        else:
+            guard.check(self.target)
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(
+                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
+            )
+            self.temp = Path(name)
+            os.fchmod(handle, FILE_MODE)
+            self.stream = os.fdopen(handle, "wb")
+        opening = json.dumps(dict(head), indent=2, ensure_ascii=False)
+        opening = opening[: opening.rfind("\n}")] + ",\n" if head else "{\n"
+        self._write(opening + '  "results": [')
+
+    def add(self, result: Mapping[str, Any]) -> None:
+        text = json.dumps(result, indent=2, ensure_ascii=False).replace("\n", "\n    ")
+        self._write(("," if self.count else "") + "\n    " + text)
+        self.count += 1
+
+    def close(self, errors: list[Any]) -> None:
+        listed = json.dumps(errors, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+        self._write(("\n  ]" if self.count else "]") + ',\n  "errors": ' + listed + "\n}\n")
+        if self.target is None or self.temp is None:
+            return
+        try:
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            self.guard.check(self.target)
+            _place(self.temp, self.target, self.guard.overwrite)
+        except OSError as exc:
+            raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the unfinished file (nothing is left behind); a no-op after ``close``."""
+        if self.temp is not None:
+            if not self.stream.closed:
+                self.stream.close()
+            self.temp.unlink(missing_ok=True)
+            self.temp = None
+
+    def _write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        try:
+            if self.stream is None:  # a text-only stdout (tests capture it that way)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                return
+            _fill(self.stream, data)
+            if self.target is None:
+                self.stream.flush()
+        except OSError as exc:
+            where = self.target or "standard output"
+            raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc

@@ -20,7 +20,7 @@ from gapcam import images
 from gapcam._version import __version__
 from gapcam.errors import GapcamError
 from gapcam.explain import Localizer, Result, view_options
-from gapcam.export import OutputGuard, check_folder, encode_image, encode_npy, write_json
+from gapcam.export import JsonStream, OutputGuard, check_folder, encode_image, encode_npy
 from gapcam.models import model_or_checkpoint
 from gapcam.overlay import colormap_lut
 from gapcam.pipeline import (
@@ -43,7 +43,7 @@ DEFAULT_STREAMS = 2
 class Outcome:
     done: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
-    documents: list[dict[str, Any]] = field(default_factory=list)
+    sink: JsonStream | None = None
 
 
 def run_localize(args: argparse.Namespace) -> int:
@@ -62,20 +62,24 @@ def run_localize(args: argparse.Namespace) -> int:
             raise GapcamError(str(exc)) from exc
     check_folder(Path(args.out))  # a file or a read-only folder stops the run before any work
     guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
-    if args.json and args.json != "-":
-        guard.check(Path(args.json))  # an existing --json FILE stops the run before any work
-    outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems])
+    # results are streamed into --json as they finish; an existing FILE stops the run here
+    sink = JsonStream(args.json, _run_head(localizer, args), guard) if args.json else None
+    outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems], sink=sink)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
     targets = _unique_targets([relative for _, relative in found])
     progress = _progress(len(found), args.quiet)
-    _stream(
-        localizer, list(zip(found, targets, strict=True)), args, guard, outcome, human, progress
-    )
-    if progress is not None:
-        progress.close()
-    if args.json:
-        write_json(_run_document(localizer, args, outcome), args.json, guard)
+    try:
+        _stream(
+            localizer, list(zip(found, targets, strict=True)), args, guard, outcome, human, progress
+        )
+        if sink is not None:
+            sink.close([{"input": name, "error": message} for name, message in outcome.failed])
+    finally:
+        if sink is not None:
+            sink.abort()  # an interrupted run leaves no partial JSON behind
+        if progress is not None:
+            progress.close()
     total = outcome.done + len(outcome.failed)
     print(
         f"gapcam: {outcome.done} of {total} inputs done, {len(outcome.failed)} failed",
@@ -182,7 +186,8 @@ def _finish(
         _fail(outcome, result.name, str(document))
         return
     outcome.done += 1
-    outcome.documents.append(document)
+    if outcome.sink is not None:
+        outcome.sink.add(document)
     if not args.quiet:
         _print_result(result, document, human)
 
@@ -259,9 +264,8 @@ def _progress(count: int, quiet: bool) -> Any:
     return tqdm(total=count, unit="img", file=sys.stderr, leave=False, disable=None)
 
 
-def _run_document(
-    localizer: Localizer, args: argparse.Namespace, outcome: Outcome
-) -> dict[str, Any]:
+def _run_head(localizer: Localizer, args: argparse.Namespace) -> dict[str, Any]:
+    """The --json document before its ``results`` and ``errors`` (schema in docs/json.md)."""
     settings = localizer.settings()
     return {
         "schema": "gapcam.localize/1",
@@ -280,6 +284,4 @@ def _run_document(
             "backend": localizer.backend_used[0],
             **({"backend_note": note} if (note := localizer.backend_used[1]) else {}),
         },
-        "results": outcome.documents,
-        "errors": [{"input": name, "error": message} for name, message in outcome.failed],
     }

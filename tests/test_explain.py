@@ -272,3 +272,19 @@ def test_checkpoint_excludes_model_and_weights(cat_path: Path, tmp_path: Path, c
     code = main(["localize", str(cat_path), "--checkpoint", str(tmp_path), "--model", "resnet50"])
     assert code == 2
     assert "the run folder names its backbone" in capsys.readouterr().err
+
+
+def test_large_images_recompute_their_maps_with_the_same_values(
+    localizer: Localizer, cat_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = Image.open(cat_path).convert("RGB").resize((1600, 1400))
+    lazy = localizer(big, cam_top_k=2)
+    assert lazy.kept_maps is None  # over KEEP_MAPS_PIXELS: nothing full-size held
+    monkeypatch.setattr("gapcam.explain.KEEP_MAPS_PIXELS", 1 << 30)
+    kept = localizer(big, cam_top_k=2)
+    assert kept.kept_maps is not None
+    for a, b in zip(lazy.normalized, kept.normalized, strict=True):
+        assert a.shape == (1400, 1600)
+        assert np.array_equal(a, b)
+    assert [m.boxes for m in lazy.maps] == [m.boxes for m in kept.maps]
+    assert lazy.kept_maps is not None  # computed once, then kept

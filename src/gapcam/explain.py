@@ -80,15 +80,34 @@ class Result:
     image: Image.Image
     predictions: tuple[Prediction, ...]
     maps: tuple[ClassMap, ...]
-    normalized: tuple[np.ndarray, ...]
     settings: Settings
     region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
     path: Path | None = None
     notes: tuple[str, ...] = ()
+    kept_maps: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+    @property
+    def normalized(self) -> tuple[np.ndarray, ...]:
+        """The normalised maps at the original image size (H x W float32), one per map.
+
+        Kept from the forward pass for images up to ``KEEP_MAPS_PIXELS``; for larger ones they
+        are made again from ``low_res`` on first use (the same computation, the same values),
+        so a queue of results waiting to be written does not hold them.
+        """
+        if self.kept_maps is None:
+            low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
+            width, height = self.size
+            object.__setattr__(
+                self,
+                "kept_maps",
+                _normalized_maps(low, (height, width), self.region, self.settings),
+            )
+        assert self.kept_maps is not None
+        return self.kept_maps
 
     @property
     def top(self) -> Prediction:
@@ -147,6 +166,22 @@ class Result:
             ],
             "notes": list(self.notes),
         }
+
+
+#: Results keep their full-size normalised maps up to this many pixels (4 bytes per pixel per
+#: map); larger images recompute them when drawn (see ``Result.normalized``).
+KEEP_MAPS_PIXELS = 1 << 21
+
+
+def _normalized_maps(
+    low: torch.Tensor,
+    size: tuple[int, int],
+    region: tuple[float, float, float, float],
+    settings: Settings,
+) -> tuple[np.ndarray, ...]:
+    """1 x k x h x w maps -> k normalised H x W float32 arrays in original image coordinates."""
+    up = cam.normalize(cam.upsample(low, size, region), settings.normalize)[0]
+    return tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
 
 
 def _prediction_dict(p: Prediction) -> dict[str, Any]:
@@ -451,8 +486,7 @@ class Localizer:
 
         width, height = item.size
         _, region = images.fit_region(width, height, preprocess)
-        up = cam.normalize(cam.upsample(low, (height, width), region), self.normalize)[0]
-        normalized = tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
+        normalized = _normalized_maps(low, (height, width), region, settings)
         low_np = low[0].cpu().numpy()
         maps = tuple(
             ClassMap(
@@ -469,9 +503,9 @@ class Localizer:
             image=item.image,
             predictions=tuple(prediction(i) for i in top),
             maps=maps,
-            normalized=normalized,
             settings=settings,
             region=region,
             path=item.path,
             notes=item.notes,
+            kept_maps=normalized if width * height <= KEEP_MAPS_PIXELS else None,
         )

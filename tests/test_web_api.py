@@ -7,6 +7,7 @@ uvicorn server on a free loopback port. Everything uses the embedded model, offl
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import socket
@@ -23,14 +24,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import gapcam
 from gapcam import cli, overlay
 from gapcam.boxes import boxes_from_map
 from gapcam.explain import Localizer
+from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
 from gapcam.web.app import create_app
-from gapcam.web.serve import running
+from gapcam.web.serve import localizer_from_args, running
 from gapcam.web.upload import display_name
 
 pytestmark = pytest.mark.timeout(60)
@@ -301,6 +305,76 @@ def test_serve_on_a_busy_port_is_a_clear_error(capsys: pytest.CaptureFixture[str
         port = busy.getsockname()[1]
         assert cli.main(["serve", "--port", str(port)]) == 2
     assert f"--port {port}: cannot listen there" in capsys.readouterr().err
+
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as `gapcam train` writes it: the embedded efficientnet_lite0 with a seeded
+    3-class head, written without training (as in test_ray_engine.py)."""
+    model = replace_classifier(gapcam.build_model("efficientnet_lite0"), SHAPES)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.classifier.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    metadata = {
+        "backbone": "efficientnet_lite0",
+        "backbone_weights": None,
+        "class_names": SHAPES,
+        "preprocess": dataclasses.asdict(model.preprocess),
+    }
+    run = tmp_path_factory.mktemp("serve") / "shapes-run"
+    run.mkdir()
+    for name, data in checkpoint_files(trained_tensors(model), metadata).items():
+        (run / name).write_bytes(data)
+    return run
+
+
+def serve_localizer(*options: str) -> Localizer:
+    """The Localizer `gapcam serve OPTIONS` builds."""
+    return localizer_from_args(cli.build_parser().parse_args(["serve", *options]))
+
+
+def test_serve_with_a_checkpoint_answers_with_its_class_names(
+    run_folder: Path, cat_bytes: bytes
+) -> None:
+    client = TestClient(create_app(serve_localizer("--checkpoint", str(run_folder))))
+    info = client.get("/api/info").json()
+    assert info["model"] == "efficientnet_lite0+shapes-run"
+    assert info["num_classes"] == 3
+    response = post(client, cat_bytes)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert sorted(p["name"] for p in body["predictions"]) == SHAPES  # top-5 of 3 classes: all
+    assert [m["name"] for m in body["maps"]] == [p["name"] for p in body["predictions"]]
+    assert body["model"] == "efficientnet_lite0+shapes-run"
+
+
+def test_serve_refuses_a_checkpoint_with_a_model(
+    run_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["serve", "--checkpoint", str(run_folder), "--model", "resnet50", "--port", "0"]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "--checkpoint and --model/--weights" in captured.err
+
+
+def test_serve_view_options_reach_the_localizer(run_folder: Path, cat_bytes: bytes) -> None:
+    localizer = serve_localizer(
+        "--checkpoint", str(run_folder), "--preset", "fine", "--hflip", "--backend", "eager"
+    )
+    assert (localizer.input_size, localizer.hflip, localizer.scales) == (288, True, (1.0,))
+    assert (localizer.backend_used[0], localizer.precision) == ("eager", "float32")
+    client = TestClient(create_app(localizer))
+    assert client.get("/api/info").json()["input_size"] == [288, 288]
+    body = post(client, cat_bytes).json()
+    assert body["maps"][0]["feature_size"] == [9, 9]  # 288 / 32: the forward pass used it
+    best = serve_localizer("--preset", "best", "--input-size", "256", "--precision", "bfloat16")
+    assert (best.input_size, best.scales, best.precision) == (256, (1.0, 1.5), "bfloat16")
 
 
 # --- a real server on loopback ---------------------------------------------------------------

@@ -200,14 +200,23 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "The same features are a JSON API (POST /api/localize, schema at /openapi.json).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  gapcam serve\n  gapcam serve --port 8080 --model resnet50\n"
+        "  gapcam serve --checkpoint shapes-run/ --preset fine\n"
         "  gapcam serve --host 0.0.0.0   # reachable from other machines: explicit only\n",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port, 0 = any free (default: 8000)")
-    p.add_argument(
-        "--model", default="efficientnet_lite0", help="model name (default: %(default)s)"
-    )
+    p.add_argument("--model", help="model name (default: efficientnet_lite0)")
     p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
+    p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
+    _add_view_options(p)
+    p.add_argument(
+        "--backend",
+        choices=("auto", "eager", "onnx"),
+        default="eager",
+        help="who runs the network: eager (PyTorch, default), onnx (ONNX Runtime, needs "
+        "gapcam[fast]), auto: onnx when available on the CPU, else eager",
+    )
+    _add_precision(p)
     p.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)"
     )

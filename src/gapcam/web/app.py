@@ -211,7 +211,7 @@ def _add_api_routes(app: FastAPI, service: _Service) -> None:
             "version": __version__,
             "model": model.name,
             "num_classes": model.num_classes,
-            "input_size": list(model.preprocess.size),
+            "input_size": list(service.localizer.preprocess.size),  # with --input-size/--preset
             "threshold": service.localizer.threshold,
             "max_upload_bytes": service.max_upload_bytes,
             "max_pixels": service.max_pixels,

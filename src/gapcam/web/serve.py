@@ -15,10 +15,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gapcam.errors import GapcamError
 from gapcam.web import REQUIRED_MODULES
+
+if TYPE_CHECKING:
+    from gapcam.explain import Localizer
+    from gapcam.models import GapModel
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -74,14 +78,18 @@ def run_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"gapcam: error: {problem}", file=sys.stderr)
         return 2
-    from gapcam.explain import Localizer
+    from gapcam.explain import view_options
+    from gapcam.models import model_or_checkpoint
     from gapcam.web.app import create_app
 
     if not args.max_upload_mb > 0:
         raise GapcamError(f"--max-upload-mb {args.max_upload_mb}: must be a positive size in MB")
+    # bad --checkpoint/--model/--preset combinations stop here, before the port is taken
+    model = model_or_checkpoint(args.model, args.weights, args.checkpoint)
+    views = view_options(args.preset, args.input_size, args.hflip, args.scales)
     sock = bind(args.host, args.port)
     try:
-        localizer = Localizer(args.model, args.weights)
+        localizer = localizer_from_args(args, model, views)
         loopback = args.host in LOOPBACK_HOSTS
         app = create_app(
             localizer,
@@ -94,6 +102,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(
             f"gapcam: serving {localizer.gap_model.name} on http://{shown}:{port}/ (Ctrl+C stops)"
         )
+        if note := localizer.backend_used[1]:
+            print(f"gapcam: note: {note}", file=sys.stderr)
         if not loopback:
             print(
                 f"gapcam: warning: --host {args.host} accepts connections from other machines; "
@@ -104,6 +114,30 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
+
+
+def localizer_from_args(
+    args: argparse.Namespace,
+    model: GapModel | str | None = None,
+    views: dict[str, Any] | None = None,
+) -> Localizer:
+    """The server's Localizer from ``gapcam serve``'s arguments: ``--model/--weights`` or
+    ``--checkpoint``, the view options (``--preset`` ...), ``--backend`` and ``--precision``.
+    ``model`` and ``views``: what ``model_or_checkpoint`` and ``view_options`` already gave."""
+    from gapcam.explain import Localizer, view_options
+    from gapcam.models import model_or_checkpoint
+
+    if model is None:
+        model = model_or_checkpoint(args.model, args.weights, args.checkpoint)
+    if views is None:
+        views = view_options(args.preset, args.input_size, args.hflip, args.scales)
+    return Localizer(
+        model,
+        weights=args.weights,
+        backend=args.backend,
+        precision=args.precision,
+        **views,
+    )
 
 
 @contextmanager

@@ -190,3 +190,9 @@ def test_boxes_equal_a_flood_fill_on_random_masks() -> None:
         mask = rng.random((height, width)) < rng.random() * 0.6
         min_area = float(rng.choice([0.0, 0.01, 0.05, 0.2]))
         assert _xyxy(boxes_from_mask(mask, min_area)) == _reference_boxes(mask, min_area)
+
+
+def test_non_boolean_masks_count_pixels_not_values() -> None:
+    mask = np.zeros((4, 5), dtype=np.uint8)
+    mask[1:3, 1:4] = 2
+    assert _xyxy(boxes_from_mask(mask)) == [(1, 1, 4, 3, 6)]

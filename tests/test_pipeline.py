@@ -224,3 +224,26 @@ def test_an_aborted_json_stream_leaves_nothing(tmp_path: Path) -> None:
     (tmp_path / "out.json").write_text("{}")
     with pytest.raises(GapcamError, match="already exists"):
         export.JsonStream(str(tmp_path / "out.json"), {}, export.OutputGuard())
+
+
+def test_stdout_json_is_printed_only_when_the_run_ends(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sink = export.JsonStream("-", {"schema": "x"}, export.OutputGuard())
+    sink.add({"input": "a"})
+    assert capsys.readouterr().out == ""  # nothing half-written while the run goes on
+    sink.abort()
+    assert capsys.readouterr().out == ""  # an interrupted run prints no half document
+    sink = export.JsonStream("-", {"schema": "x"}, export.OutputGuard())
+    sink.add({"input": "é"})
+    sink.close([])
+    document = {"schema": "x", "results": [{"input": "é"}], "errors": []}
+    assert capsys.readouterr().out == export.encode_json(document).decode("utf-8")
+
+
+def test_an_unwritable_json_folder_gets_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(GapcamError, match=r"cannot write|is a file"):
+        export.JsonStream(str(blocker / "out.json"), {"schema": "x"}, export.OutputGuard())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -42,7 +42,7 @@ def boxes_from_mask(mask: np.ndarray, min_area: float = 0.0) -> tuple[Box, ...]:
     crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
     labels, count = ndimage.label(crop, structure=EIGHT_CONNECTED)
     if count == 1:  # the common case: one component, whose box is the rectangle itself
-        return (Box(left, top, int(cols[-1]) + 1, int(rows[-1]) + 1, int(crop.sum())),)
+        return (Box(left, top, int(cols[-1]) + 1, int(rows[-1]) + 1, int(np.count_nonzero(crop))),)
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-areas, kind="stable")
     smallest = min_area * mask.size

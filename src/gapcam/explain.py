@@ -85,6 +85,7 @@ class Result:
     path: Path | None = None
     notes: tuple[str, ...] = ()
     kept_maps: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
+    map_device: str = field(default="cpu", repr=False, compare=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -95,11 +96,12 @@ class Result:
         """The normalised maps at the original image size (H x W float32), one per map.
 
         Kept from the forward pass for images up to ``KEEP_MAPS_PIXELS``; for larger ones they
-        are made again from ``low_res`` on first use (the same computation, the same values),
-        so a queue of results waiting to be written does not hold them.
+        are made again from ``low_res`` on first use (the same computation on the same device,
+        the same values), so a queue of results waiting to be written does not hold them.
         """
         if self.kept_maps is None:
             low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
+            low = low.to(self.map_device)
             width, height = self.size
             object.__setattr__(
                 self,
@@ -508,4 +510,5 @@ class Localizer:
             path=item.path,
             notes=item.notes,
             kept_maps=normalized if width * height <= KEEP_MAPS_PIXELS else None,
+            map_device=str(low.device),
         )

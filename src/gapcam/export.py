@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -174,27 +175,34 @@ def write_json(document: Any, destination: str, guard: OutputGuard) -> None:
 
 class JsonStream:
     """``{**head, "results": [...], "errors": [...]}`` written while the results come in, so a
-    run holds no list of them: to a temporary file next to ``destination``, moved into place by
-    ``close`` (as ``atomic_write`` does; ``abort`` removes it), or to standard output for ``-``.
-    The bytes equal ``encode_json`` of the whole document."""
+    run holds no list of them, into a temporary file: next to ``destination`` and moved into
+    place by ``close`` (as ``atomic_write`` does), or, for ``-``, an anonymous one copied to
+    standard output by ``close``. ``abort`` drops it: an interrupted run leaves no file and
+    prints no half document. The bytes equal ``encode_json`` of the whole document."""
 
     def __init__(self, destination: str, head: Mapping[str, Any], guard: OutputGuard) -> None:
         self.target = None if destination == "-" else Path(destination)
         self.guard = guard
         self.count = 0
         self.temp: Path | None = None
-        if self.target is None:
-            sys.stdout.flush()  # anything printed before goes first
-            self.stream: Any = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-        else:
+        self.stream: Any = None
+        if self.target is not None:
             guard.check(self.target)
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(
-                prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
-            )
-            self.temp = Path(name)
-            os.fchmod(handle, FILE_MODE)
-            self.stream = os.fdopen(handle, "wb")
+        try:
+            if self.target is None:
+                self.stream = tempfile.TemporaryFile()  # noqa: SIM115  # closed by close/abort
+            else:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                handle, name = tempfile.mkstemp(
+                    prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
+                )
+                self.temp = Path(name)
+                self.stream = os.fdopen(handle, "wb")
+                os.fchmod(handle, FILE_MODE)
+        except OSError as exc:
+            self.abort()
+            where = self.target.parent if self.target is not None else "a temporary file"
+            raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc
         opening = json.dumps(dict(head), indent=2, ensure_ascii=False)
         opening = opening[: opening.rfind("\n}")] + ",\n" if head else "{\n"
         self._write(opening + '  "results": [')
@@ -207,37 +215,36 @@ class JsonStream:
     def close(self, errors: list[Any]) -> None:
         listed = json.dumps(errors, indent=2, ensure_ascii=False).replace("\n", "\n  ")
         self._write(("\n  ]" if self.count else "]") + ',\n  "errors": ' + listed + "\n}\n")
-        if self.target is None or self.temp is None:
-            return
         try:
             self.stream.flush()
+            if self.target is None:
+                self.stream.seek(0)
+                with io.TextIOWrapper(self.stream, encoding="utf-8") as text:  # closes both
+                    shutil.copyfileobj(text, sys.stdout)
+                sys.stdout.flush()
+                return
             os.fsync(self.stream.fileno())
             self.stream.close()
+            assert self.temp is not None
             self.guard.check(self.target)
             _place(self.temp, self.target, self.guard.overwrite)
         except OSError as exc:
-            raise OutputError(f"{self.target}: cannot write ({exc.strerror or exc})") from exc
+            where = self.target or "standard output"
+            raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc
         finally:
             self.abort()
 
     def abort(self) -> None:
-        """Drop the unfinished file (nothing is left behind); a no-op after ``close``."""
+        """Drop the unfinished document (nothing is left behind); a no-op after ``close``."""
+        if self.stream is not None and not self.stream.closed:
+            self.stream.close()
         if self.temp is not None:
-            if not self.stream.closed:
-                self.stream.close()
             self.temp.unlink(missing_ok=True)
             self.temp = None
 
     def _write(self, text: str) -> None:
-        data = text.encode("utf-8")
         try:
-            if self.stream is None:  # a text-only stdout (tests capture it that way)
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                return
-            _fill(self.stream, data)
-            if self.target is None:
-                self.stream.flush()
+            _fill(self.stream, text.encode("utf-8"))
         except OSError as exc:
-            where = self.target or "standard output"
+            where = self.target or "a temporary file"
             raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc

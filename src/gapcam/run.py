@@ -62,14 +62,16 @@ def run_localize(args: argparse.Namespace) -> int:
             raise GapcamError(str(exc)) from exc
     check_folder(Path(args.out))  # a file or a read-only folder stops the run before any work
     guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
-    # results are streamed into --json as they finish; an existing FILE stops the run here
-    sink = JsonStream(args.json, _run_head(localizer, args), guard) if args.json else None
-    outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems], sink=sink)
-    for message in problems:
-        print(f"error: {message}", file=sys.stderr)
-    targets = _unique_targets([relative for _, relative in found])
-    progress = _progress(len(found), args.quiet)
+    sink: JsonStream | None = None
+    progress: Any = None
     try:
+        # results are streamed into --json as they finish; an existing FILE stops the run here
+        sink = JsonStream(args.json, _run_head(localizer, args), guard) if args.json else None
+        outcome = Outcome(failed=[(p.split(":", 1)[0], p) for p in problems], sink=sink)
+        for message in problems:
+            print(f"error: {message}", file=sys.stderr)
+        targets = _unique_targets([relative for _, relative in found])
+        progress = _progress(len(found), args.quiet)
         _stream(
             localizer, list(zip(found, targets, strict=True)), args, guard, outcome, human, progress
         )
@@ -113,11 +115,12 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
 def _streams(args: argparse.Namespace) -> int:
     """Concurrent ``explain`` calls: ``--streams``, else 2 on a multi-core machine for the
     pipeline (1 with ``--workers 0``, the plain sequential loop)."""
+    if getattr(args, "workers", None) == 0:
+        return 1  # the sequential loop runs one stream, with all the cores
     streams = getattr(args, "streams", None)
     if streams:
         return int(streams)
-    sequential = getattr(args, "workers", None) == 0
-    return 1 if sequential or (os.cpu_count() or 1) < 2 else DEFAULT_STREAMS
+    return 1 if (os.cpu_count() or 1) < 2 else DEFAULT_STREAMS
 
 
 def _stream(

@@ -117,6 +117,34 @@ def red_model() -> GapModel:
     )
 
 
+SHAPES = ["circle", "square", "triangle"]
+
+
+def write_shapes_run(folder: Path) -> Path:
+    """A run folder as `gapcam train` writes it (model.safetensors + gapcam.json) in ``folder``:
+    the embedded efficientnet_lite0 with a seeded head for ``SHAPES``, written without training."""
+    import dataclasses
+
+    from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
+
+    model = replace_classifier(gapcam.build_model("efficientnet_lite0"), SHAPES)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.classifier.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    metadata = {
+        "backbone": "efficientnet_lite0",
+        "backbone_weights": None,
+        "class_names": SHAPES,
+        "preprocess": dataclasses.asdict(model.preprocess),
+    }
+    run = folder / "shapes-run"
+    run.mkdir()
+    for name, data in checkpoint_files(trained_tensors(model), metadata).items():
+        (run / name).write_bytes(data)
+    return run
+
+
 def forward_hooks(module: nn.Module) -> dict[str, int]:
     """Submodule name -> number of forward (pre-)hooks, for every submodule that has any."""
     counts = {}

@@ -4,7 +4,6 @@ are listed right."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -12,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, write_shapes_run
 
 import gapcam
 from gapcam import cli
-from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
 from gapcam.ray_engine import actor_options, list_sources
 
 ray = pytest.importorskip("ray")  # gapcam[ray] is part of the test extra
@@ -48,25 +45,7 @@ def source(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def run_folder(tmp_path: Path) -> Path:
-    """A run folder as `gapcam train` writes it (model.safetensors + gapcam.json): the embedded
-    efficientnet_lite0 with a seeded 3-class head, written without training."""
-    names = ["circle", "square", "triangle"]
-    model = replace_classifier(gapcam.build_model("efficientnet_lite0"), names)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.classifier.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    metadata = {
-        "backbone": "efficientnet_lite0",
-        "backbone_weights": None,
-        "class_names": names,
-        "preprocess": dataclasses.asdict(model.preprocess),
-    }
-    run = tmp_path / "shapes-run"
-    run.mkdir()
-    for name, data in checkpoint_files(trained_tensors(model), metadata).items():
-        (run / name).write_bytes(data)
-    return run
+    return write_shapes_run(tmp_path)
 
 
 def test_sources_are_manifests_folders_globs_and_uris(source: Path) -> None:

@@ -7,7 +7,6 @@ uvicorn server on a free loopback port. Everything uses the embedded model, offl
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import socket
@@ -24,15 +23,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
+from conftest import SHAPES, write_shapes_run
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import gapcam
 from gapcam import cli, overlay
 from gapcam.boxes import boxes_from_map
 from gapcam.explain import Localizer
-from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
 from gapcam.web.app import create_app
 from gapcam.web.serve import localizer_from_args, running
 from gapcam.web.upload import display_name
@@ -307,29 +304,9 @@ def test_serve_on_a_busy_port_is_a_clear_error(capsys: pytest.CaptureFixture[str
     assert f"--port {port}: cannot listen there" in capsys.readouterr().err
 
 
-SHAPES = ["circle", "square", "triangle"]
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder as `gapcam train` writes it: the embedded efficientnet_lite0 with a seeded
-    3-class head, written without training (as in test_ray_engine.py)."""
-    model = replace_classifier(gapcam.build_model("efficientnet_lite0"), SHAPES)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.classifier.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    metadata = {
-        "backbone": "efficientnet_lite0",
-        "backbone_weights": None,
-        "class_names": SHAPES,
-        "preprocess": dataclasses.asdict(model.preprocess),
-    }
-    run = tmp_path_factory.mktemp("serve") / "shapes-run"
-    run.mkdir()
-    for name, data in checkpoint_files(trained_tensors(model), metadata).items():
-        (run / name).write_bytes(data)
-    return run
+    return write_shapes_run(tmp_path_factory.mktemp("serve"))
 
 
 def serve_localizer(*options: str) -> Localizer:

@@ -153,14 +153,18 @@ def _workers(text: str) -> int:
     return value
 
 
-def _add_speed(p: argparse.ArgumentParser) -> None:
+def _add_backend(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--backend",
         choices=("auto", "eager", "onnx"),
-        default="auto",
+        default=default,
         help="who runs the network: onnx (ONNX Runtime, needs gapcam[fast]), eager (PyTorch), "
-        "auto: onnx when available on the CPU, else eager (default)",
+        "auto: onnx when available on the CPU, else eager (default: %(default)s)",
     )
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    _add_backend(p, "auto")
     p.add_argument(
         "--batch-size", type=_positive, help="images per forward pass (default: 8, 16 on 16+ cores)"
     )
@@ -209,13 +213,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--weights", help="local state dict (.safetensors or .pth, weights only)")
     p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
     _add_view_options(p)
-    p.add_argument(
-        "--backend",
-        choices=("auto", "eager", "onnx"),
-        default="eager",
-        help="who runs the network: eager (PyTorch, default), onnx (ONNX Runtime, needs "
-        "gapcam[fast]), auto: onnx when available on the CPU, else eager",
-    )
+    _add_backend(p, "eager")
     _add_precision(p)
     p.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)"

@@ -17,7 +17,8 @@ import gapcam
 from gapcam.models import GapModel
 from gapcam.types import Preprocess
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# the example photos ship inside the package (examples/ at the repository root links here)
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "gapcam" / "web" / "examples"
 
 # The test machines are small and shared: one intra-op thread is faster and steadier than
 # several threads fighting for two cores (measured 10x on a busy 2-core box).

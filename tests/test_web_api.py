@@ -7,6 +7,7 @@ uvicorn server on a free loopback port. Everything uses the embedded model, offl
 from __future__ import annotations
 
 import base64
+import fnmatch
 import io
 import json
 import socket
@@ -17,20 +18,21 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from conftest import SHAPES, write_shapes_run
+from conftest import EXAMPLES, SHAPES, write_shapes_run
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from gapcam import cli, overlay
 from gapcam.boxes import boxes_from_map
 from gapcam.explain import Localizer
-from gapcam.web.app import create_app
+from gapcam.web.app import EXAMPLE_NAMES, create_app, default_examples_dir
 from gapcam.web.serve import localizer_from_args, running
 from gapcam.web.upload import display_name
 
@@ -44,12 +46,12 @@ ESPRESSO = 967
 
 @pytest.fixture(scope="module")
 def cat_bytes() -> bytes:
-    return (ROOT / "examples" / "cat.png").read_bytes()
+    return (EXAMPLES / "cat.png").read_bytes()
 
 
 @pytest.fixture(scope="module")
 def coffee_bytes() -> bytes:
-    return (ROOT / "examples" / "coffee.jpg").read_bytes()
+    return (EXAMPLES / "coffee.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +276,31 @@ def test_info_examples_and_colormaps(client: TestClient, cat_bytes: bytes) -> No
     maps = client.get("/api/colormaps").json()
     jet = next(c for c in maps["colormaps"] if c["name"] == "jet")
     assert jet["lut"] == overlay.colormap_lut("jet").ravel().tolist()
+
+
+def test_examples_ship_inside_the_package(
+    localizer: Localizer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cat_bytes: bytes,
+    coffee_bytes: bytes,
+) -> None:
+    """`pip install 'gapcam[web]'` then `gapcam serve` from any folder: the example photos are
+    package data (found with importlib.resources), not a checkout's or the current folder's."""
+    monkeypatch.chdir(tmp_path)
+    packaged = resources.files("gapcam.web") / "examples"
+    assert str(default_examples_dir()) == str(packaged)
+    assert "CC0" in packaged.joinpath("LICENSES.txt").read_text(encoding="utf-8")
+    app = TestClient(create_app(localizer))
+    assert [e["name"] for e in app.get("/api/info").json()["examples"]] == list(EXAMPLE_NAMES)
+    assert app.get("/api/examples/cat.png").content == cat_bytes
+    assert app.get("/api/examples/coffee.jpg").content == coffee_bytes
+    # every shipped file is matched by the wheel's package-data globs
+    tomllib = pytest.importorskip("tomllib")
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        globs = tomllib.load(file)["tool"]["setuptools"]["package-data"]["gapcam.web"]
+    for entry in packaged.iterdir():
+        assert any(fnmatch.fnmatch(f"examples/{entry.name}", glob) for glob in globs), entry.name
 
 
 def test_host_header_is_checked_when_asked(localizer: Localizer) -> None:

@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI, Query, Request
@@ -35,6 +36,9 @@ from gapcam.errors import GapcamError, ImageError
 from gapcam.explain import Localizer
 from gapcam.web import payload, schemas
 from gapcam.web.upload import UploadError, read_upload
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 log = logging.getLogger("gapcam.web")
 
@@ -82,11 +86,10 @@ UPLOAD_SCHEMA = {
 }
 
 
-def default_examples_dir() -> Path:
-    """``examples/`` of a source checkout (src/gapcam/web/app.py -> repository root), or, for
-    an installed wheel started from the repository, ``./examples``."""
-    checkout = Path(__file__).resolve().parents[3] / "examples"
-    return checkout if checkout.is_dir() else Path.cwd() / "examples"
+def default_examples_dir() -> Traversable:
+    """The example photos shipped inside the package (``gapcam/web/examples/``, in the wheel
+    as package data), wherever the server is started from."""
+    return resources.files("gapcam.web") / "examples"
 
 
 class _Service:
@@ -123,7 +126,7 @@ def create_app(
     *,
     max_upload_bytes: int = 20_000_000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    examples_dir: Path | None = None,
+    examples_dir: Path | Traversable | None = None,
     allowed_hosts: list[str] | None = None,
     workers: int = 2,
     max_pending: int = 64,
@@ -159,7 +162,7 @@ def create_app(
     return app
 
 
-def _read_examples(folder: Path) -> dict[str, bytes]:
+def _read_examples(folder: Path | Traversable) -> dict[str, bytes]:
     found = {}
     for name in EXAMPLE_NAMES:
         path = folder / name

@@ -8,6 +8,8 @@ with ``class_maps``. Then the refusals, and the rules on hooks and model state.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -356,3 +358,39 @@ def test_classifier_weights_are_read_live() -> None:
     assert after.maps[0].prediction.logit == pytest.approx(
         float(after.maps[0].low_res.mean()) + bias, abs=1e-5
     )
+
+
+def test_weights_files_without_version_metadata_load_into_mnasnet(tmp_path: Path) -> None:
+    """A plain dict (safetensors) has no state-dict version; torchvision's MNASNet refuses to
+    load without one, so gapcam lends it the module's own."""
+    from safetensors.torch import save_file
+
+    source = gapcam.build_model("mnasnet0_5", "random")
+    path = tmp_path / "mnasnet.safetensors"
+    save_file({k: v.contiguous() for k, v in source.module.state_dict().items()}, str(path))
+    loaded = gapcam.build_model("mnasnet0_5", str(path))
+    for name, tensor in source.module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[name], tensor)
+
+
+def test_a_fine_tuned_mnasnet_run_loads(tmp_path: Path) -> None:
+    import dataclasses
+
+    from gapcam.finetune import stage_names
+    from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
+
+    model = replace_classifier(gapcam.build_model("mnasnet0_5", "random"), ["a", "b"])
+    metadata = {
+        "backbone": "mnasnet0_5",
+        "backbone_weights": "random",
+        "class_names": ["a", "b"],
+        "preprocess": dataclasses.asdict(model.preprocess),
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    tensors = trained_tensors(model, stage_names(model))
+    for name, data in checkpoint_files(tensors, metadata).items():
+        (run / name).write_bytes(data)
+    loaded = gapcam.load_checkpoint(run)
+    for name in stage_names(model):
+        assert torch.equal(loaded.module.state_dict()[name], model.module.state_dict()[name])

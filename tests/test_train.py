@@ -9,9 +9,11 @@ and measures classification and localization against the true boxes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from gapcam.cli import main
 from gapcam.errors import TrainingError
 from gapcam.finetune import last_stage
 from gapcam.models.base import inference_state
+from gapcam.models.weights import load_tensors
 from gapcam.synthetic import CSV_NAME, generate
 from gapcam.train_data import discover
 from gapcam.train_loop import Standardizer
@@ -537,6 +540,27 @@ def test_unreadable_images_are_skipped_listed_and_counted(
     assert dataset["val_images"] == 6
 
 
+def test_quiet_prints_only_the_summary_and_what_matters(
+    tiny: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-q`` like ``gapcam localize -q``: nothing on stdout; on stderr the one-line summary,
+    after one line per thing that matters (here: unreadable images skipped, not listed)."""
+    summary = r"gapcam: trained 3 classes, val accuracy \d+\.\d%, {} image\(s\) skipped"
+    code, stdout, err = train_tiny(capsys, tiny, tmp_path / "run", cache, "--epochs", "2", "-q")
+    assert code == 0
+    assert stdout == ""
+    assert re.fullmatch(summary.format(0), err.rstrip("\n")), err
+    data = shutil.copytree(tiny, tmp_path / "data")
+    (data / "train" / "circle" / "empty.png").write_bytes(b"")
+    (data / "val" / "square" / "notes.jpg").write_text("not an image")
+    code, stdout, err = train_tiny(capsys, data, tmp_path / "run2", cache, "--epochs", "2", "-q")
+    assert code == 1
+    assert stdout == ""
+    skipped, last = err.rstrip("\n").split("\n")
+    assert skipped == f"skipped 2 unreadable image(s) (listed in {tmp_path / 'run2'}/gapcam.json)"
+    assert re.fullmatch(summary.format(2), last), err
+
+
 def test_a_class_with_no_readable_image_is_refused(
     tiny: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -657,6 +681,76 @@ def test_finetune_last_stage_round_trip(
     assert torch.equal(state["conv_stem.weight"], frozen["conv_stem.weight"])
     assert not torch.equal(state["conv_head.weight"], frozen["conv_head.weight"])
     assert all(p.requires_grad for p in report.model.module.parameters())  # flags restored
+
+
+# each torchvision family that trains a linear head: its last stage, what follows it is frozen
+TV_STAGES = {
+    "resnet18": ("layer4.",),
+    "densenet121": ("features.denseblock4.", "features.norm5."),
+    "mobilenet_v2": ("features.17.", "features.18."),
+    "efficientnet_b0": ("features.7.", "features.8."),
+    "mnasnet0_5": ("layers.13.", "layers.14.", "layers.15.", "layers.16."),
+    "regnet_y_400mf": ("trunk_output.block4.",),
+    "shufflenet_v2_x0_5": ("stage4.", "conv5."),
+}
+
+
+def _calibrate_batchnorm(module: torch.nn.Module) -> None:
+    """BatchNorm statistics of one random 64 px batch: a random network in eval mode would
+    otherwise shrink its activations (to ~1e-14 in EfficientNet) and with them its gradients."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    module.train()
+    with torch.no_grad():
+        module(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    module.eval()
+
+
+@pytest.mark.parametrize("name", sorted(TV_STAGES))
+def test_finetune_last_stage_of_each_torchvision_family(name: str, tmp_path: Path) -> None:
+    """The named stage is the one trained: one real step (augmented 64 px images, the
+    fine-tuning optimiser) moves all of it and nothing else, not even a BatchNorm buffer."""
+    from gapcam import finetune
+    from gapcam.train_loop import Settings, make_optimizer, new_head
+
+    torch.manual_seed(0)
+    model = gapcam.build_model(name, "random")
+    assert model.head == "linear"
+    model.preprocess = dataclasses.replace(model.preprocess, size=(64, 64))
+    prefixes = TV_STAGES[name]
+    assert last_stage(model.module) == list(prefixes)
+    _calibrate_batchnorm(model.module)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    items = []
+    for label in (0, 1):
+        path = tmp_path / f"{label}.png"
+        pixels = np.random.default_rng(label).integers(0, 256, (72, 72, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        items.append((path, label))
+    settings = Settings(lr=1e-2, weight_decay=0.0, batch_size=2)  # moves come from gradients
+    # a zero head (a fresh run's start) passes no gradient back; 3 classes: with 2, the two
+    # images' gradients cancel exactly where a random backbone's features hardly vary
+    head = new_head(model.num_features, 3)
+    with torch.no_grad():
+        head.weight.normal_()
+    norm = Standardizer(torch.zeros(model.num_features), torch.ones(model.num_features))
+    with finetune.trainable_stage(model, finetune.stage_names(model)) as parameters:
+        named = dict(model.module.named_parameters())
+        trainable = {k for k, v in named.items() if v.requires_grad}
+        assert trainable == {k for k in named if k.startswith(prefixes)}
+        assert 0 < len(trainable) < len(named)
+        assert {id(p) for p in parameters} == {id(named[k]) for k in trainable}
+        groups = [{"params": parameters}, {"params": list(head.parameters())}]
+        optimizer = make_optimizer(groups, settings)
+        finetune._train_epoch(model, head, norm, items, optimizer, settings, 1, True)
+    after = model.module.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == trainable  # every trained parameter moved; no buffer, nothing frozen
+    assert all(p.requires_grad for p in model.module.parameters())  # flags restored
+    load_tensors(model.module, {k: before[k] for k in trainable})  # as on resume
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
 
 
 def test_finetune_refuses_an_unknown_architecture() -> None:

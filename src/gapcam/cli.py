@@ -294,7 +294,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--overlays", type=int, default=8, metavar="N", help="val overlays to write (default: 8)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cpu)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="print only warnings, errors and the summary"
+    )
     s = commands.add_parser(
         "synth",
         help="write a synthetic dataset of shapes on clutter, with their true boxes",

@@ -2,11 +2,13 @@
 
 The last stage is named per family (never guessed): timm EfficientNet-style models (the
 embedded default) train their last block group and the final 1x1 convolution + norm; ResNets
-``layer4``; DenseNets ``denseblock4`` + ``norm5``; torchvision MobileNetV2 / EfficientNet /
-MNASNet the last two modules of ``features``; RegNets the last trunk block. BatchNorm layers
-keep their running statistics (the whole network stays in eval mode; small CPU batches would
-make them noisy). Each epoch sees augmented images (random resized crop, horizontal flip,
-brightness and contrast jitter) drawn from a generator seeded by (seed, epoch, image).
+``layer4``; DenseNets ``denseblock4`` + ``norm5``; torchvision MobileNetV2 / EfficientNet the
+last two modules of ``features`` (the last block group and the final 1x1 convolution); MNASNet
+its last block stack and the final 1x1 convolution + norm; ShuffleNetV2 ``stage4`` + ``conv5``;
+RegNets the last trunk block. BatchNorm layers keep their running statistics (the whole network
+stays in eval mode; small CPU batches would make them noisy). Each epoch sees augmented images
+(random resized crop, horizontal flip, brightness and contrast jitter) drawn from a generator
+seeded by (seed, epoch, image).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from gapcam import images
 from gapcam.errors import TrainingError
 from gapcam.feature_cache import progress
 from gapcam.models.base import GapModel, inference_state
+from gapcam.models.weights import load_tensors
 from gapcam.train_loop import (
     LoopState,
     Report,
@@ -60,14 +63,21 @@ def last_stage(module: nn.Module) -> list[str]:
             return ["features.denseblock4.", "features.norm5."]
         return [f"features.{name}." for name in list(named)[-2:]]
     if "layers" in children and isinstance(children["layers"], nn.Sequential):  # MNASNet
-        return [f"layers.{name}." for name in list(dict(children["layers"].named_children()))[-3:]]
+        # the last block stack (a Sequential) and what follows it: the 1x1 conv, norm, ReLU
+        layers = list(children["layers"].named_children())
+        stacks = [i for i, (_, child) in enumerate(layers) if isinstance(child, nn.Sequential)]
+        last = stacks[-1] if stacks else max(len(layers) - 3, 0)
+        return [f"layers.{name}." for name, _ in layers[last:]]
+    if "stage4" in children and "conv5" in children:  # ShuffleNetV2
+        return ["stage4.", "conv5."]
     if "trunk_output" in children:
         last_name = list(dict(children["trunk_output"].named_children()))[-1]
         return [f"trunk_output.{last_name}."]
     raise TrainingError(
         f"--finetune last-stage: gapcam does not know the last stage of {type(module).__name__}; "
         "supported: the embedded efficientnet_lite0, timm EfficientNets, ResNets, DenseNets, "
-        "MobileNetV2, torchvision EfficientNets, MNASNet, RegNets; or train the head only"
+        "MobileNetV2, torchvision EfficientNets, MNASNet, ShuffleNetV2, RegNets; or train the head "
+        "only"
     )
 
 
@@ -139,7 +149,7 @@ def fit_last_stage(
     """Train the last stage and the head (initialised from the head phase's best) on images."""
     names = stage_names(model)
     if state.last:
-        model.module.load_state_dict(_backbone(state.last), strict=False)
+        load_tensors(model.module, _backbone(state.last))
     head = new_head(len(norm.mean), model.num_classes, state.last or None).to(model.device)
     norm = norm.to(model.device)
     with trainable_stage(model, names) as parameters:

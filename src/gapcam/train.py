@@ -26,7 +26,7 @@ from gapcam.cache import cache_dir
 from gapcam.errors import ModelError, TrainingError
 from gapcam.feature_cache import Extracted, FeatureCache, model_key
 from gapcam.feature_cache import pooled_features as _pooled_features
-from gapcam.finetune import MODES, fit_last_stage
+from gapcam.finetune import MODES, fit_last_stage, last_stage
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import METADATA, read_metadata, replace_classifier
 from gapcam.train_data import Dataset, discover
@@ -87,10 +87,16 @@ def train_classifier(data: str | Path, out: str | Path, **options: Any) -> Train
     ``options`` are the fields of ``TrainConfig`` (``model=``, ``epochs=``, ``finetune=``,
     ``resume=``, ...). Load the result with ``gapcam.load_checkpoint(out)``.
     """
-    return run_training(TrainConfig(Path(data), Path(out), **options), echo=lambda _: None)
+    return run_training(TrainConfig(Path(data), Path(out), **options), echo=_silent)
 
 
-def run_training(config: TrainConfig, echo: Echo = print) -> TrainReport:
+def run_training(config: TrainConfig, echo: Echo = print, warn: Echo | None = None) -> TrainReport:
+    """Train as ``config`` says. ``echo`` gets the progress and the report; ``warn`` (default:
+    ``echo``) the lines that matter even with ``quiet``, which silences ``echo``: unreadable
+    images skipped, a feature cache that could not be used, an interruption."""
+    warn = warn or echo
+    if config.quiet:
+        echo = _silent
     previous = _check_out(config)
     settings = _resolve(config, previous)
     dataset = discover(config.data, settings["val_fraction"], settings["seed"])
@@ -100,14 +106,16 @@ def run_training(config: TrainConfig, echo: Echo = print) -> TrainReport:
             f"{list(dataset.class_names)}; start a new run (another --out, or --overwrite)"
         )
     model = _backbone(settings, dataset.class_names, config.device)
+    if settings["finetune"] == "last-stage":
+        last_stage(model.module)  # an unknown architecture stops here, not after the head phase
     counts = ", ".join(f"{n} {c['train']}/{c['val']}" for n, c in dataset.counts().items())
     echo(f"classes (train/val images): {counts}  [{dataset.layout}]")
-    run = _features(config, settings, dataset, model, echo)
+    run = _features(config, settings, dataset, model, echo, warn)
     if previous is not None:
         run.phases = _restore_phases(previous, config.out)
         run.norm = Standardizer(*_norm_tensors(config.out))
         if previous.get("dataset", {}).get("sha256") != dataset_digest(run):
-            echo("note: the images changed since the run started; resuming on the current ones")
+            warn("note: the images changed since the run started; resuming on the current ones")
     interrupted = False
     started = time.perf_counter()
     try:
@@ -117,9 +125,13 @@ def run_training(config: TrainConfig, echo: Echo = print) -> TrainReport:
         run.phases = {name: state for name, state in run.phases.items() if state.best}
         if not run.phases:  # not one epoch done: nothing worth saving
             raise
-        echo("interrupted: saving the run as it stands; continue it with --resume")
+        warn("interrupted: saving the run as it stands; continue it with --resume")
     run.timings["training_s"] = time.perf_counter() - started
-    return write_run(run, model, echo, interrupted)
+    return write_run(run, model, echo, interrupted, warn)
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _check_out(config: TrainConfig) -> dict[str, Any] | None:
@@ -209,7 +221,12 @@ def _backbone(settings: dict[str, Any], names: tuple[str, ...], device: str | No
 
 
 def _features(
-    config: TrainConfig, settings: dict[str, Any], dataset: Dataset, model: GapModel, echo: Echo
+    config: TrainConfig,
+    settings: dict[str, Any],
+    dataset: Dataset,
+    model: GapModel,
+    echo: Echo,
+    warn: Echo,
 ) -> RunData:
     started = time.perf_counter()
     cache = None
@@ -227,7 +244,7 @@ def _features(
     if cache is not None and cache.notes:
         cache_info["notes"] = cache.notes
         for note in cache.notes:
-            echo(f"note: {note}")
+            warn(f"note: {note}")
     echo(
         f"features: {hits + misses} images ({hits} from the cache), {seconds:.1f} s "
         f"[{settings['model']}, {model.num_features} per image]"
@@ -328,7 +345,9 @@ def run_train(args: Any) -> int:
     options = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     config = TrainConfig(Path(args.data), Path(args.out), cache_dir=cache_dir, **options)
-    report = run_training(config, echo=print)
+    # -q: the progress and the report are dropped; what matters goes to stderr with the summary
+    warn = (lambda line: print(line, file=sys.stderr)) if config.quiet else print
+    report = run_training(config, echo=print, warn=warn)
     skipped = len(report.skipped)
     print(
         f"gapcam: trained {len(report.model.class_names)} classes, val accuracy "

@@ -23,6 +23,7 @@ from gapcam.feature_cache import Extracted
 from gapcam.finetune import stage_names
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import checkpoint_files, trained_tensors
+from gapcam.models.weights import load_tensors
 from gapcam.train_data import Dataset
 from gapcam.train_loop import LoopState, Standardizer
 
@@ -58,7 +59,9 @@ class RunData:
     cache: dict[str, Any]
 
 
-def write_run(run: RunData, model: GapModel, echo: Echo, interrupted: bool) -> TrainReport:
+def write_run(
+    run: RunData, model: GapModel, echo: Echo, interrupted: bool, warn: Echo | None = None
+) -> TrainReport:
     from safetensors.torch import save
 
     phase = "finetune" if "finetune" in run.phases else "head"
@@ -77,7 +80,7 @@ def write_run(run: RunData, model: GapModel, echo: Echo, interrupted: bool) -> T
         shutil.rmtree(out / OVERLAYS, ignore_errors=True)
     _figures(run, model, metrics, out)
     count = _overlays(run, model, out)
-    _summary(run, metrics, state, count, echo, interrupted)
+    _summary(run, metrics, state, count, echo, interrupted, warn or echo)
     return TrainReport(out, model, metrics, list(run.train.failed + run.val.failed), interrupted)
 
 
@@ -88,7 +91,7 @@ def _install_best(model: GapModel, run: RunData, phase: str) -> None:
         k.removeprefix("backbone."): v for k, v in best.items() if k.startswith("backbone.")
     }
     if backbone:
-        model.module.load_state_dict(backbone, strict=False)
+        load_tensors(model.module, backbone)
     weight, bias = run.norm.fold(best)
     classifier: Any = model.classifier
     with torch.no_grad():
@@ -190,7 +193,13 @@ def _overlays(run: RunData, model: GapModel, out: Path) -> int:
 
 
 def _summary(
-    run: RunData, metrics: dict[str, Any], state: Any, overlays: int, echo: Echo, interrupted: bool
+    run: RunData,
+    metrics: dict[str, Any],
+    state: Any,
+    overlays: int,
+    echo: Echo,
+    interrupted: bool,
+    warn: Echo,
 ) -> None:
     right = round(metrics["val_accuracy"] * metrics["val_images"])
     stop = (
@@ -204,8 +213,9 @@ def _summary(
         f"{metrics['val_loss']:.3f}{stop}"
     )
     failed = run.train.failed + run.val.failed
-    if failed:
-        echo(f"skipped {len(failed)} unreadable image(s) (listed in {run.config.out}/gapcam.json):")
+    if failed:  # with quiet, this one line (echo is silent then)
+        listed = f"(listed in {run.config.out}/gapcam.json){'' if run.config.quiet else ':'}"
+        warn(f"skipped {len(failed)} unreadable image(s) {listed}")
         for _, error in failed[:10]:
             echo(f"  {error}")
     out = run.config.out

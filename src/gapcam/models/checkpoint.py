@@ -21,6 +21,7 @@ from torch import nn
 
 from gapcam.errors import ModelError
 from gapcam.models.base import GapModel
+from gapcam.models.weights import load_tensors
 
 FORMAT = "gapcam.checkpoint/1"
 TENSORS = "model.safetensors"
@@ -176,4 +177,4 @@ def _load_backbone(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Pa
             raise ModelError(
                 f"--checkpoint {run}: backbone tensor {name!r} does not fit the backbone"
             )
-    model.module.load_state_dict(tensors, strict=False)
+    load_tensors(model.module, tensors)

@@ -6,8 +6,10 @@ Nothing is ever unpickled: a file that needs arbitrary pickles is refused with a
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,10 +80,25 @@ def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def with_metadata(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """``tensors`` as a state dict carrying the module's own version metadata (unless it has
+    its own): a plain dict (safetensors, an unwrapped checkpoint) has none, and some modules
+    (torchvision's MNASNet) refuse to load without it."""
+    state: Any = OrderedDict(tensors)
+    own = getattr(tensors, "_metadata", None)
+    state._metadata = own if own is not None else getattr(module.state_dict(), "_metadata", None)
+    return state
+
+
+def load_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(tensors, strict=False)`` with version metadata (``with_metadata``)."""
+    module.load_state_dict(with_metadata(module, tensors), strict=False)
+
+
 def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], label: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not match."""
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(with_metadata(module, state), strict=True)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]

@@ -10,7 +10,7 @@ from typing import Any
 
 from gapcam.errors import GapcamError
 from gapcam.evaluate import check_class_table, evaluate, label_resolver
-from gapcam.explain import Localizer, view_options
+from gapcam.explain import Localizer, view_options_from_args
 from gapcam.export import OutputGuard, write_json
 from gapcam.models import model_or_checkpoint
 
@@ -57,7 +57,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _localizer(args: argparse.Namespace) -> Localizer:
-    views = view_options(args.preset, args.input_size, args.hflip, args.scales)
+    views = view_options_from_args(args)
     model = model_or_checkpoint(args.model, args.weights, getattr(args, "checkpoint", None))
     return Localizer(
         model,

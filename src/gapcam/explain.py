@@ -64,6 +64,17 @@ def view_options(
     return views
 
 
+def view_options_from_args(args: Any) -> dict[str, Any]:
+    """``view_options`` from a front end's parsed ``--preset/--input-size/--hflip/--scales``
+    (any of them may be missing from ``args``)."""
+    return view_options(
+        getattr(args, "preset", None),
+        getattr(args, "input_size", None),
+        getattr(args, "hflip", False),
+        getattr(args, "scales", None),
+    )
+
+
 #: Normalisations a Localizer accepts: boxes threshold a map scaled to [0, 1].
 BOX_NORMALIZATIONS = ("minmax", "max")
 
@@ -99,17 +110,15 @@ class Result:
         are made again from ``low_res`` on first use (the same computation on the same device,
         the same values), so a queue of results waiting to be written does not hold them.
         """
-        if self.kept_maps is None:
-            low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
-            low = low.to(self.map_device)
-            width, height = self.size
-            object.__setattr__(
-                self,
-                "kept_maps",
-                _normalized_maps(low, (height, width), self.region, self.settings),
-            )
-        assert self.kept_maps is not None
-        return self.kept_maps
+        if self.kept_maps is not None:
+            return self.kept_maps
+        low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
+        width, height = self.size
+        maps = _normalized_maps(
+            low.to(self.map_device), (height, width), self.region, self.settings
+        )
+        object.__setattr__(self, "kept_maps", maps)  # made once, then kept
+        return maps
 
     @property
     def top(self) -> Prediction:

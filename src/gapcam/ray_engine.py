@@ -33,7 +33,7 @@ from typing import Any
 
 from gapcam import images
 from gapcam.errors import GapcamError, OutputError
-from gapcam.explain import Localizer, Result, view_options
+from gapcam.explain import Localizer, Result, view_options_from_args
 from gapcam.export import atomic_write, encode_image
 from gapcam.models import model_or_checkpoint
 
@@ -189,12 +189,7 @@ def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
             "max_pixels": args.max_pixels,
             "backend": args.backend or "auto",
             "precision": getattr(args, "precision", None) or "float32",
-            **view_options(
-                getattr(args, "preset", None),
-                getattr(args, "input_size", None),
-                getattr(args, "hflip", False),
-                getattr(args, "scales", None),
-            ),
+            **view_options_from_args(args),
         },
         "max_pixels": args.max_pixels,
         "classes": args.classes,

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from gapcam import images
 from gapcam._version import __version__
 from gapcam.errors import GapcamError
-from gapcam.explain import Localizer, Result, view_options
+from gapcam.explain import Localizer, Result, view_options_from_args
 from gapcam.export import JsonStream, OutputGuard, check_folder, encode_image, encode_npy
 from gapcam.models import model_or_checkpoint
 from gapcam.overlay import colormap_lut
@@ -103,12 +103,7 @@ def localizer_from_args(args: argparse.Namespace) -> Localizer:
         backend=getattr(args, "backend", None) or "eager",
         streams=_streams(args),
         precision=getattr(args, "precision", None) or "float32",
-        **view_options(
-            getattr(args, "preset", None),
-            getattr(args, "input_size", None),
-            getattr(args, "hflip", False),
-            getattr(args, "scales", None),
-        ),
+        **view_options_from_args(args),
     )
 
 

@@ -22,7 +22,6 @@ from gapcam.web import REQUIRED_MODULES
 
 if TYPE_CHECKING:
     from gapcam.explain import Localizer
-    from gapcam.models import GapModel
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -78,18 +77,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"gapcam: error: {problem}", file=sys.stderr)
         return 2
-    from gapcam.explain import view_options
-    from gapcam.models import model_or_checkpoint
     from gapcam.web.app import create_app
 
     if not args.max_upload_mb > 0:
         raise GapcamError(f"--max-upload-mb {args.max_upload_mb}: must be a positive size in MB")
     # bad --checkpoint/--model/--preset combinations stop here, before the port is taken
-    model = model_or_checkpoint(args.model, args.weights, args.checkpoint)
-    views = view_options(args.preset, args.input_size, args.hflip, args.scales)
+    localizer = localizer_from_args(args)
     sock = bind(args.host, args.port)
     try:
-        localizer = localizer_from_args(args, model, views)
         loopback = args.host in LOOPBACK_HOSTS
         app = create_app(
             localizer,
@@ -116,27 +111,18 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def localizer_from_args(
-    args: argparse.Namespace,
-    model: GapModel | str | None = None,
-    views: dict[str, Any] | None = None,
-) -> Localizer:
+def localizer_from_args(args: argparse.Namespace) -> Localizer:
     """The server's Localizer from ``gapcam serve``'s arguments: ``--model/--weights`` or
-    ``--checkpoint``, the view options (``--preset`` ...), ``--backend`` and ``--precision``.
-    ``model`` and ``views``: what ``model_or_checkpoint`` and ``view_options`` already gave."""
-    from gapcam.explain import Localizer, view_options
+    ``--checkpoint``, the view options (``--preset`` ...), ``--backend`` and ``--precision``."""
+    from gapcam.explain import Localizer, view_options_from_args
     from gapcam.models import model_or_checkpoint
 
-    if model is None:
-        model = model_or_checkpoint(args.model, args.weights, args.checkpoint)
-    if views is None:
-        views = view_options(args.preset, args.input_size, args.hflip, args.scales)
     return Localizer(
-        model,
+        model_or_checkpoint(args.model, args.weights, args.checkpoint),
         weights=args.weights,
         backend=args.backend,
         precision=args.precision,
-        **views,
+        **view_options_from_args(args),
     )
 
 

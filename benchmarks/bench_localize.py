@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from gapcam import cli, images
-from gapcam.explain import Localizer
+from gapcam.localizer import Localizer
 from gapcam.models import GapModel, build_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ilsvrc-val-dev"
@@ -61,10 +61,10 @@ STAGES = (
     ("blend", "gapcam/overlay.py", "blend"),
     ("draw boxes", "gapcam/overlay.py", "draw_boxes"),
     ("caption", "gapcam/overlay.py", "add_caption"),
-    ("PNG encode", "gapcam/export.py", "encode_image"),
-    ("write files (atomic)", "gapcam/export.py", "write_bytes"),
-    ("JSON (encode + write)", "gapcam/export.py", "write_json"),
-    ("print results", "gapcam/run.py", "_print_result"),
+    ("PNG encode", "gapcam/outputs.py", "encode_image"),
+    ("write files (atomic)", "gapcam/outputs.py", "write_bytes"),
+    ("JSON (encode + write)", "gapcam/outputs.py", "write_json"),
+    ("print results", "gapcam/cli/localize.py", "_print_result"),
     ("model build", "gapcam/models/registry.py", "build_model"),
 )
 

@@ -120,7 +120,7 @@ def forward_row(row: str, model: Any, paths: Sequence[Path], batch: int) -> Call
 
 def cam_only_row(model: Any, paths: Sequence[Path], batch: int) -> Callable[[], None]:
     from gapcam import images
-    from gapcam.explain import Localizer
+    from gapcam.localizer import Localizer
     from gapcam.pipeline import tune_allocator
 
     tune_allocator()
@@ -130,7 +130,8 @@ def cam_only_row(model: Any, paths: Sequence[Path], batch: int) -> Callable[[], 
 
 
 def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callable[[], None]:
-    from gapcam import cli, run
+    from gapcam import cli
+    from gapcam.cli import localize as run
 
     folder = Path(listing.read_text().split("\n", 1)[0])
     argv = ["--model", name, "--batch-size", str(batch), "-q"]
@@ -149,11 +150,11 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
     def once() -> None:
         i = next(runs)
         out = ["--out", str(tmp / f"out{i}"), "--json", str(tmp / f"r{i}.json")]
-        run.run_localize(parser.parse_args(["localize", str(folder), *out, *argv]))
+        run.run(parser.parse_args(["localize", str(folder), *out, *argv]))
         shutil.rmtree(tmp / f"out{i}", ignore_errors=True)
 
-    localizer = run.localizer_from_args(parser.parse_args(["localize", "x", *argv]))
-    run.localizer_from_args = lambda _args: localizer  # type: ignore[assignment]
+    localizer = run._localizer(parser.parse_args(["localize", "x", *argv]))
+    run._localizer = lambda _args: localizer  # type: ignore[assignment]
     return once
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from gapcam.datasets import load_dataset
-from gapcam.evaluate import evaluate, label_resolver
-from gapcam.explain import Localizer
+from gapcam.eval.datasets import load_dataset
+from gapcam.eval.evaluate import evaluate, label_resolver
+from gapcam.localizer import Localizer
 from gapcam.models import build_model
 
 OPTIONS: list[tuple[str, dict[str, Any]]] = [

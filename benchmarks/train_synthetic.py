@@ -2,7 +2,7 @@
 
     python benchmarks/train_synthetic.py [--classes 4 --per-class 60 --val-per-class 25]
 
-Generates the data with ``gapcam.synthetic`` (seeded), trains with ``gapcam.train`` (frozen
+Generates the data with ``gapcam.train.synthetic`` (seeded), trains with ``gapcam.train`` (frozen
 backbone, cached features), then on the validation split prints classification accuracy and,
 with the CAM of the true class (GT-known), box accuracy at the default threshold 0.2 and
 MaxBoxAcc (best threshold in 0.00..0.99, largest 8-connected component, IoU >= 0.5), against
@@ -21,7 +21,7 @@ import numpy as np
 
 from gapcam import Localizer, load_checkpoint, train_classifier
 from gapcam.boxes import box_iou, boxes_from_map
-from gapcam.synthetic import CSV_NAME, generate
+from gapcam.train.synthetic import CSV_NAME, generate
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)
 

@@ -111,7 +111,7 @@ def test_auto_falls_back_to_eager_without_onnxruntime(
     backend = backends.make_backend(tiny, "auto")
     assert backend.name == "eager"
     assert "pip install 'gapcam[fast]'" in backend.note
-    with pytest.raises(ModelError, match=r"needs onnxruntime.*--backend eager"):
+    with pytest.raises(ModelError, match=r"needs onnxruntime.*backend='eager'"):
         backends.make_backend(tiny, "onnx")
 
 
@@ -126,7 +126,7 @@ def test_auto_falls_back_when_the_export_is_wrong(tmp_path: Path) -> None:
     backend = backends.make_backend(model, "auto", root=tmp_path)
     assert backend.name == "eager"
     assert "ONNX" in backend.note
-    with pytest.raises(ModelError, match="use --backend eager"):
+    with pytest.raises(ModelError, match="use backend='eager'"):
         backends.make_backend(model, "onnx", root=tmp_path).features(torch.ones(2, 3, 32, 32))
 
 
@@ -144,10 +144,10 @@ def test_onnx_localizer_matches_eager_on_the_embedded_model(
 ) -> None:
     monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path))
     sources = [EXAMPLES / "cat.png", EXAMPLES / "coffee.jpg"]
-    eager = gapcam.Localizer(embedded_model)(sources, cam_top_k=2)
+    eager = gapcam.Localizer(embedded_model)(sources, top_k=2)
     fast_localizer = gapcam.Localizer(embedded_model, backend="auto")
     assert fast_localizer.backend_used == ("onnx", "")
-    fast = fast_localizer(sources, cam_top_k=2)
+    fast = fast_localizer(sources, top_k=2)
     for a, b in zip(eager, fast, strict=True):
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
         for pa, pb in zip(a.predictions, b.predictions, strict=True):
@@ -161,13 +161,13 @@ def test_onnx_localizer_matches_eager_on_the_embedded_model(
 
 def test_devices_that_are_not_here_get_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert backends.check_device("cpu") == torch.device("cpu")
-    with pytest.raises(ModelError, match=r"^--device tpu9: not a device; use cpu, cuda"):
+    with pytest.raises(ModelError, match=r"^device='tpu9': not a device; use cpu, cuda"):
         backends.check_device("tpu9")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ModelError, match=r"^--device cuda: no CUDA GPU is available here"):
+    with pytest.raises(ModelError, match=r"^device='cuda': no CUDA GPU is available here"):
         backends.check_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(ModelError, match=r"^--device mps: MPS \(Apple GPU\) is not available"):
+    with pytest.raises(ModelError, match=r"^device='mps': MPS \(Apple GPU\) is not available"):
         gapcam.Localizer(device="mps")
 
 
@@ -194,8 +194,12 @@ def test_custom_modules_keep_their_layout(tiny: GapModel) -> None:
 @pytest.mark.parametrize(
     ("choice", "precision", "message"),
     [
-        ("eager", "float16", "float16 needs a GPU"),
-        ("onnx", "bfloat16", "backend 'onnx' runs float32; for bfloat16 use --backend eager"),
+        ("eager", "float16", "precision='float16' needs a GPU"),
+        (
+            "onnx",
+            "bfloat16",
+            "backend='onnx' runs float32; for precision='bfloat16' use backend='eager'",
+        ),
         ("eager", "int8", "precision='int8': use one of float32, bfloat16, float16"),
     ],
 )

@@ -32,7 +32,7 @@ from gapcam import images, overlay
 from gapcam.overlay import display_scale
 from gapcam.types import Preprocess
 
-CLI = (sys.executable, "-m", "gapcam.cli")
+CLI = (sys.executable, "-m", "gapcam")
 SUMMARY = re.compile(r"^gapcam: (\d+) of (\d+) inputs done, (\d+) failed$")
 GIF_NOTE = "multi-frame file (3 frames): using the first frame"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -1,4 +1,4 @@
-"""Annotation readers (gapcam.datasets): three layouts built in tmp dirs, and every malformed
+"""Annotation readers (gapcam.eval.datasets): three layouts built in tmp dirs, and every malformed
 entry reported with its file and line."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gapcam.datasets import detect_layout, load_dataset
 from gapcam.errors import ClassSelectionError, DatasetError
+from gapcam.eval.datasets import detect_layout, load_dataset
 
 NAMES = {"cat": 0, "dog": 1, "n02085620": 1}
 

@@ -16,12 +16,13 @@ from conftest import square_image
 from PIL import Image
 
 from gapcam import cam
-from gapcam.datasets import Dataset, load_dataset
 from gapcam.errors import ClassSelectionError, DatasetError, GapcamError
-from gapcam.evaluate import check_class_table, evaluate, label_resolver
-from gapcam.evaluate_report import format_table, plot_png
-from gapcam.explain import Localizer
+from gapcam.eval.datasets import Dataset, load_dataset
+from gapcam.eval.evaluate import check_class_table, evaluate, label_resolver
+from gapcam.eval.report import format_table
+from gapcam.localizer import Localizer
 from gapcam.models import GapModel
+from gapcam.plots import box_accuracy_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_SET = ROOT / ".." / "shared" / "data" / "ilsvrc-val-dev"
@@ -114,7 +115,8 @@ def test_input_size_and_scales(rednet: GapModel) -> None:
     assert abs(box.x1 - 96) <= 4
     sizes = [p.size for p, _ in Localizer(rednet, input_size=(64, 96), scales=(1.0, 1.5)).views()]
     assert sizes == [(64, 96), (96, 160)]  # 1.5 x 96 = 144, rounded to a multiple of 32
-    assert Localizer(rednet, input_size=300).preprocess.size == (288, 288)  # stride 32
+    with pytest.raises(GapcamError, match=r"input_size=300: must be a multiple of 32.*e\.g\. 288"):
+        Localizer(rednet, input_size=300)  # refused, never rounded in silence
 
 
 @pytest.mark.parametrize(
@@ -217,7 +219,7 @@ def test_evaluate_known_answers(tmp_path: Path, rednet: GapModel) -> None:
     assert abs(left["box"][0] - 8) <= 3
     assert json.loads(json.dumps(report)) == report  # JSON-ready
     assert "MaxBoxAccV2" in format_table(report)
-    assert plot_png(report).startswith(b"\x89PNG")
+    assert box_accuracy_curve(report).startswith(b"\x89PNG")
 
 
 def test_pxap_with_masks(tmp_path: Path, rednet: GapModel) -> None:
@@ -256,7 +258,7 @@ def examples_csv(root: Path, extra: str = "") -> Path:
 
 def gapcam(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gapcam.cli", *args],
+        [sys.executable, "-m", "gapcam", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""WSOL metrics on hand-built maps and boxes whose values are known (gapcam.metrics)."""
+"""WSOL metrics on hand-built maps and boxes whose values are known (gapcam.eval.metrics)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gapcam import metrics
 from gapcam.boxes import boxes_from_map, boxes_from_mask
-from gapcam.metrics import (
+from gapcam.eval import metrics
+from gapcam.eval.metrics import (
     THRESHOLDS,
     BoxAccuracy,
     PixelPrecision,

@@ -376,8 +376,8 @@ def test_weights_files_without_version_metadata_load_into_mnasnet(tmp_path: Path
 def test_a_fine_tuned_mnasnet_run_loads(tmp_path: Path) -> None:
     import dataclasses
 
-    from gapcam.finetune import stage_names
     from gapcam.models.checkpoint import checkpoint_files, replace_classifier, trained_tensors
+    from gapcam.train.finetune import stage_names
 
     model = replace_classifier(gapcam.build_model("mnasnet0_5", "random"), ["a", "b"])
     metadata = {

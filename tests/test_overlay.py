@@ -10,7 +10,7 @@ from PIL import Image
 
 from gapcam import overlay
 from gapcam.errors import OutputError
-from gapcam.export import OutputGuard, check_folder
+from gapcam.outputs import OutputGuard, check_folder
 from gapcam.types import Box
 
 

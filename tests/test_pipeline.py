@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES
 
-from gapcam import cli, export, pipeline
+from gapcam import cli, outputs, pipeline
 from gapcam.errors import GapcamError, ImageError
-from gapcam.explain import Localizer
+from gapcam.localizer import Localizer
 from gapcam.models import GapModel
 
 
@@ -186,7 +186,7 @@ def test_precision_is_checked_and_recorded(
 ) -> None:
     cat = str(EXAMPLES / "cat.png")
     assert cli.main(["localize", cat, "--out", str(tmp_path / "a"), "--precision", "float16"]) == 2
-    assert "float16 needs a GPU (--device cuda or mps); on a CPU use bfloat16" in (
+    assert "error: --precision float16 needs a GPU (--device cuda or --device mps); on a CPU use bfloat16" in (
         capsys.readouterr().err
     )
     report = tmp_path / "b.json"
@@ -206,44 +206,44 @@ def test_streamed_json_equals_the_whole_document(tmp_path: Path, count: int, fai
     ]
     errors = [{"input": f"bad{i}", "error": "corrupt"} for i in range(failures)]
     target = tmp_path / "out.json"
-    sink = export.JsonStream(str(target), head, export.OutputGuard())
+    sink = outputs.JsonStream(str(target), head, outputs.OutputGuard())
     assert not target.exists()  # only a temporary file while the run goes on
     for result in results:
         sink.add(result)
     sink.close(errors)
-    expected = export.encode_json({**head, "results": results, "errors": errors})
+    expected = outputs.encode_json({**head, "results": results, "errors": errors})
     assert target.read_bytes() == expected
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 def test_an_aborted_json_stream_leaves_nothing(tmp_path: Path) -> None:
-    sink = export.JsonStream(str(tmp_path / "out.json"), {"schema": "x"}, export.OutputGuard())
+    sink = outputs.JsonStream(str(tmp_path / "out.json"), {"schema": "x"}, outputs.OutputGuard())
     sink.add({"input": "a"})
     sink.abort()
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "out.json").write_text("{}")
     with pytest.raises(GapcamError, match="already exists"):
-        export.JsonStream(str(tmp_path / "out.json"), {}, export.OutputGuard())
+        outputs.JsonStream(str(tmp_path / "out.json"), {}, outputs.OutputGuard())
 
 
 def test_stdout_json_is_printed_only_when_the_run_ends(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    sink = export.JsonStream("-", {"schema": "x"}, export.OutputGuard())
+    sink = outputs.JsonStream("-", {"schema": "x"}, outputs.OutputGuard())
     sink.add({"input": "a"})
     assert capsys.readouterr().out == ""  # nothing half-written while the run goes on
     sink.abort()
     assert capsys.readouterr().out == ""  # an interrupted run prints no half document
-    sink = export.JsonStream("-", {"schema": "x"}, export.OutputGuard())
+    sink = outputs.JsonStream("-", {"schema": "x"}, outputs.OutputGuard())
     sink.add({"input": "é"})
     sink.close([])
     document = {"schema": "x", "results": [{"input": "é"}], "errors": []}
-    assert capsys.readouterr().out == export.encode_json(document).decode("utf-8")
+    assert capsys.readouterr().out == outputs.encode_json(document).decode("utf-8")
 
 
 def test_an_unwritable_json_folder_gets_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(GapcamError, match=r"cannot write|is a file"):
-        export.JsonStream(str(blocker / "out.json"), {"schema": "x"}, export.OutputGuard())
+        outputs.JsonStream(str(blocker / "out.json"), {"schema": "x"}, outputs.OutputGuard())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -15,7 +15,8 @@ from conftest import EXAMPLES, write_shapes_run
 
 import gapcam
 from gapcam import cli
-from gapcam.ray_engine import actor_options, list_sources
+from gapcam.cli.options import localizer_options
+from gapcam.ray_engine import list_sources
 
 ray = pytest.importorskip("ray")  # gapcam[ray] is part of the test extra
 pq = pytest.importorskip("pyarrow.parquet")
@@ -79,7 +80,7 @@ def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) ->
     assert broken["boxes"] is None
 
     images = [Path(rows[0]["path"]), Path(rows[2]["path"])]
-    expected = gapcam.Localizer()(images, cam_top_k=2)
+    expected = gapcam.Localizer()(images, top_k=2)
     for row, result in zip([rows[0], rows[2]], expected, strict=True):
         assert row["error"] is None
         assert (row["width"], row["height"]) == result.size
@@ -177,14 +178,14 @@ def test_without_ray_the_error_says_what_to_install(
     code = cli.main(["localize", "--engine", "ray", str(source), "--out", str(tmp_path / "o")])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        "gapcam: error: --engine ray needs Ray Data: pip install 'gapcam[ray]'"
+        "gapcam: error: the Ray engine needs Ray Data: pip install 'gapcam[ray]'"
     )
 
 
 def test_actors_get_the_view_options_and_precision(tmp_path: Path) -> None:
     argv = ["localize", "x", "--engine", "ray", "--out", str(tmp_path / "out")]
     argv += ["--preset", "best", "--hflip", "--precision", "bfloat16"]
-    options = actor_options(cli.build_parser().parse_args(argv), tmp_path)["localizer"]
+    options = localizer_options(cli.build_parser().parse_args(argv))
     assert options["scales"] == (1.0, 1.5)
     assert options["hflip"] is True
     assert options["precision"] == "bfloat16"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from gapcam.cli import main
 from gapcam.errors import OutputError
-from gapcam.synthetic import CSV_HEADER, CSV_NAME, SHAPES, generate, render_sample
+from gapcam.train.synthetic import CSV_HEADER, CSV_NAME, SHAPES, generate, render_sample
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -1,7 +1,7 @@
 """``gapcam train``: run folders, checkpoints, resume, reproducibility, bad input, quality.
 
 Everything runs offline on the embedded efficientnet_lite0 and on small datasets made by
-``gapcam.synthetic``. Pooled features go to one module-wide cache, so after the first run of
+``gapcam.train.synthetic``. Pooled features go to one module-wide cache, so after the first run of
 a dataset, training costs about a second. The quality test trains on a small generated dataset
 and measures classification and localization against the true boxes.
 """
@@ -28,16 +28,17 @@ from conftest import TinyGapNet
 from PIL import Image
 
 import gapcam
-from gapcam import export, images, train
+from gapcam import images, outputs
 from gapcam.boxes import box_iou, boxes_from_map
 from gapcam.cli import main
 from gapcam.errors import TrainingError
-from gapcam.finetune import last_stage
 from gapcam.models.base import inference_state
 from gapcam.models.weights import load_tensors
-from gapcam.synthetic import CSV_NAME, generate
-from gapcam.train_data import discover
-from gapcam.train_loop import Standardizer
+from gapcam.train import trainer as train
+from gapcam.train.data import discover
+from gapcam.train.finetune import last_stage
+from gapcam.train.loop import Standardizer
+from gapcam.train.synthetic import CSV_NAME, generate
 
 RUN_FILES = {"model.safetensors", "gapcam.json", "train_state.safetensors"}
 FIGURES = {"curve.png", "confusion.png"}
@@ -196,7 +197,7 @@ def test_localize_cli_with_the_checkpoint_prints_the_users_classes(
         [
             sys.executable,
             "-m",
-            "gapcam.cli",
+            "gapcam",
             "localize",
             str(image),
             "--checkpoint",
@@ -605,7 +606,7 @@ def test_full_disk_leaves_no_partial_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setattr(export, "_fill", _fill_half_then_fail)
+    monkeypatch.setattr(outputs, "_fill", _fill_half_then_fail)
     code, _, err = train_tiny(capsys, tiny, out, cache, "-q")
     assert code == 2
     assert "No space left on device" in err
@@ -631,7 +632,7 @@ def test_full_disk_keeps_the_previous_run_intact(
             _fill_half_then_fail(stream, data)
         stream.write(data)
 
-    monkeypatch.setattr(export, "_fill", fail_on_the_second_file)
+    monkeypatch.setattr(outputs, "_fill", fail_on_the_second_file)
     code, _, err = train_tiny(capsys, tiny, out, cache, "-q", "--overwrite", "--seed", "5")
     assert code == 2
     assert "No space left on device" in err
@@ -712,8 +713,8 @@ def _calibrate_batchnorm(module: torch.nn.Module) -> None:
 def test_finetune_last_stage_of_each_torchvision_family(name: str, tmp_path: Path) -> None:
     """The named stage is the one trained: one real step (augmented 64 px images, the
     fine-tuning optimiser) moves all of it and nothing else, not even a BatchNorm buffer."""
-    from gapcam import finetune
-    from gapcam.train_loop import Settings, make_optimizer, new_head
+    from gapcam.train import finetune
+    from gapcam.train.loop import Settings, make_optimizer, new_head
 
     torch.manual_seed(0)
     model = gapcam.build_model(name, "random")
@@ -761,7 +762,7 @@ def test_finetune_refuses_an_unknown_architecture() -> None:
 def test_finetune_interrupted_in_its_first_epoch_keeps_the_head_and_resumes(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gapcam import finetune
+    from gapcam.train import finetune
 
     data = tmp_path / "data"
     generate(data, classes=2, per_class=3, val_per_class=2, size=64, seed=2)

@@ -31,9 +31,10 @@ from PIL import Image
 
 from gapcam import cli, overlay
 from gapcam.boxes import boxes_from_map
-from gapcam.explain import Localizer
+from gapcam.cli.options import localizer_options
+from gapcam.localizer import Localizer
 from gapcam.web.app import EXAMPLE_NAMES, create_app, default_examples_dir
-from gapcam.web.serve import localizer_from_args, running
+from gapcam.web.serve import running
 from gapcam.web.upload import display_name
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,7 +113,7 @@ def test_cat_gives_five_classes_maps_and_boxes(client: TestClient, cat_bytes: by
 def test_maps_and_boxes_match_the_library(
     client: TestClient, localizer: Localizer, cat_bytes: bytes
 ) -> None:
-    result = localizer(cat_bytes, cam_top_k=5)
+    result = localizer(cat_bytes, top_k=5)
     body = post(client, cat_bytes, threshold=0.45, map_size=512).json()
     assert (body["map_width"], body["map_height"]) == (451, 300)  # not downscaled: exact
     for j, entry in enumerate(body["maps"]):
@@ -338,7 +339,8 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def serve_localizer(*options: str) -> Localizer:
     """The Localizer `gapcam serve OPTIONS` builds."""
-    return localizer_from_args(cli.build_parser().parse_args(["serve", *options]))
+    args = cli.build_parser().parse_args(["serve", *options])
+    return Localizer.from_options(localizer_options(args))
 
 
 def test_serve_with_a_checkpoint_answers_with_its_class_names(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gapcam.explain import Localizer
+from gapcam.localizer import Localizer
 from gapcam.web.app import create_app
 from gapcam.web.serve import running
 

@@ -22,10 +22,11 @@ if TYPE_CHECKING:
         TrainingError,
         UnsupportedModelError,
     )
-    from gapcam.explain import Localizer, Result
     from gapcam.images import load_image
+    from gapcam.localizer import Localizer
     from gapcam.models import GapModel, build_model, from_module
     from gapcam.models.checkpoint import load_checkpoint
+    from gapcam.result import Result
     from gapcam.train import TrainConfig, train_classifier
     from gapcam.types import Box, ClassMap, Prediction, Preprocess
 
@@ -37,12 +38,12 @@ _LOCATIONS = {
     "GapModel": "gapcam.models",
     "GapcamError": "gapcam.errors",
     "ImageError": "gapcam.errors",
-    "Localizer": "gapcam.explain",
+    "Localizer": "gapcam.localizer",
     "ModelError": "gapcam.errors",
     "OutputError": "gapcam.errors",
     "Prediction": "gapcam.types",
     "Preprocess": "gapcam.types",
-    "Result": "gapcam.explain",
+    "Result": "gapcam.result",
     "TrainConfig": "gapcam.train",
     "TrainingError": "gapcam.errors",
     "UnsupportedModelError": "gapcam.errors",

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,11 +39,8 @@ from gapcam._version import __version__
 from gapcam.cache import cache_dir
 from gapcam.errors import ModelError
 from gapcam.models.base import GapModel, inference_state
+from gapcam.types import BACKENDS, PRECISIONS
 
-BACKENDS = ("auto", "eager", "onnx")
-
-#: Precisions of the eager forward pass (autocast); logits and CAMs are always float32.
-PRECISIONS = ("float32", "bfloat16", "float16")
 OPSET = 17
 
 #: ORT's intra-op threads busy-wait between runs when "1"
@@ -51,6 +48,16 @@ SPINNING = "0"
 
 #: |onnx - eager| <= FEATURE_TOLERANCE * max(1, max |eager|), checked on every fresh export.
 FEATURE_TOLERANCE = 1e-3
+
+
+class Backend(Protocol):
+    """Who runs ``GapModel.features``: ``name`` (``eager`` or ``onnx``), ``note`` (why ``auto``
+    chose it, or "") and the features of an N x 3 x H x W input."""
+
+    name: str
+    note: str
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def onnx_available() -> bool:
@@ -111,12 +118,12 @@ class OnnxBackend:
         if not onnx_available():
             raise ModelError(
                 "backend 'onnx' needs onnxruntime and onnx: pip install 'gapcam[fast]', "
-                "or use --backend eager"
+                "or use backend='eager'"
             )
         if model.device.type != "cpu" or model.weight.dtype != torch.float32:
             raise ModelError(
                 f"backend 'onnx' runs float32 models on the CPU; {model.name} is "
-                f"{model.weight.dtype} on {model.device}: use --backend eager"
+                f"{model.weight.dtype} on {model.device}: use backend='eager'"
             )
         self.model = model
         self.root = root or cache_dir()
@@ -225,7 +232,7 @@ def _check_export(name: str, data: bytes, probe: torch.Tensor, expected: torch.T
     if not error <= FEATURE_TOLERANCE * scale:
         raise ModelError(
             f"{name}: the ONNX export differs from eager (max error {error:.2g}); "
-            "use --backend eager"
+            "use backend='eager'"
         )
 
 
@@ -245,16 +252,18 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"--device {device}: not a device; use cpu, cuda, cuda:N or mps") from exc
+        raise ModelError(
+            f"device={str(device)!r}: not a device; use cpu, cuda, cuda:N or mps"
+        ) from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        raise ModelError(f"device={str(device)!r}: no CUDA GPU is available here; use cpu")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise ModelError(
-            f"--device {device}: only {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            f"device={str(device)!r}: only {count} CUDA device(s), cuda:0..cuda:{count - 1}"
         )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelError(f"--device {device}: MPS (Apple GPU) is not available here; use cpu")
+        raise ModelError(f"device={str(device)!r}: MPS (Apple GPU) is not available here; use cpu")
     return resolved
 
 
@@ -264,10 +273,10 @@ def check_precision(precision: str, device: torch.device) -> str:
         raise ModelError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "float16" and device.type == "cpu":
         raise ModelError(
-            "--precision float16 needs a GPU (--device cuda or mps); on a CPU use bfloat16"
+            "precision='float16' needs a GPU (device='cuda' or device='mps'); on a CPU use bfloat16"
         )
     if precision == "bfloat16" and device.type == "mps":
-        raise ModelError("--precision bfloat16 is not supported on mps; use float16")
+        raise ModelError("precision='bfloat16' is not supported on mps; use float16")
     return precision
 
 
@@ -278,7 +287,7 @@ def make_backend(
     root: Path | None = None,
     threads: int = 0,
     precision: str = "float32",
-) -> Any:
+) -> Backend:
     """The backend for ``choice`` (see ``BACKENDS``); ``auto`` falls back to eager with a note.
 
     ``auto`` tries the ONNX export for ``size`` (default: the model's input size) at once, so that an
@@ -294,7 +303,8 @@ def make_backend(
         return EagerBackend(model, note, precision)
     if precision != "float32":
         raise ModelError(
-            f"backend 'onnx' runs float32; for {precision} use --backend eager (or auto)"
+            f"backend='onnx' runs float32; for precision={precision!r} use backend='eager' "
+            "(or 'auto')"
         )
     if choice == "onnx":
         return OnnxBackend(model, root, threads)

@@ -1,4 +1,5 @@
-"""Training figures as PNG bytes (matplotlib's Agg canvas; no pyplot, no global state)."""
+"""Figures as PNG bytes (matplotlib's Agg canvas; no pyplot, no global state): the training
+curve and confusion matrix of ``gapcam train``, the box accuracy curve of ``gapcam evaluate``."""
 
 from __future__ import annotations
 
@@ -79,3 +80,36 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
 def _finite(value: Any) -> float:
     number = float(value) if value is not None else math.nan
     return number if math.isfinite(number) else math.nan
+
+
+def box_accuracy_curve(report: dict[str, Any]) -> bytes:
+    """Box accuracy against the map threshold: one curve per IoU (all components, as in
+    MaxBoxAccV2) and the largest component at IoU 0.5 (MaxBoxAcc) dashed; maxima marked."""
+    from matplotlib.figure import Figure
+
+    curves = report["curves"]
+    if curves is None:
+        raise ValueError("the dataset has no boxes, so there is no box accuracy curve")
+    figure = Figure(figsize=(7.0, 4.5))
+    ax = figure.subplots()
+    thresholds = curves["thresholds"]
+    for iou, row in zip(curves["iou_thresholds"], curves["all_components"], strict=True):
+        (line,) = ax.plot(thresholds, row, label=f"IoU {iou:g} (all components)")
+        best = max(range(len(row)), key=row.__getitem__)
+        ax.plot(thresholds[best], row[best], "o", color=line.get_color())
+    if 0.5 in curves["iou_thresholds"]:
+        row = curves["largest_component"][curves["iou_thresholds"].index(0.5)]
+        ax.plot(thresholds, row, "--", color="black", label="IoU 0.5, largest component")
+    m = report["metrics"]
+    ax.set_title(
+        f"{report['settings']['model']}: MaxBoxAcc {m.get('max_box_acc', 0):.1f}%, "
+        f"MaxBoxAccV2 {m.get('max_box_acc_v2', 0):.1f}% ({report['dataset']['images']} images)"
+    )
+    ax.set_xlabel("threshold on the min-max normalised CAM")
+    ax.set_ylabel("box accuracy (%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    figure.tight_layout()
+    return _png(figure)

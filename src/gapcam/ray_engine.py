@@ -11,31 +11,32 @@ width, height, top-k ``classes``/``names``/``scores``, ``map_classes``, ``boxes`
 in original pixels, largest first), ``cam`` (the raw low-res maps, float16 bytes of shape
 ``cam_shape`` = k x h x w) and ``overlay`` (path of the overlay image, unless --no-overlay).
 
-The model is ``--model``/``--weights`` or ``--checkpoint RUN`` (a run folder made by ``gapcam
-train``), as with the local engine: the actors get the run folder's path in their options and
-each loads it with ``load_checkpoint`` (safetensors and JSON: nothing is unpickled).
+Each actor builds its Localizer once, with ``Localizer.from_options`` from the same plain
+settings the local engine uses (``gapcam.cli.options.localizer_options``): a model name and
+weights, or ``checkpoint``, a run folder made by ``gapcam train``, whose path the actors get and
+load with ``load_checkpoint`` (safetensors and JSON: nothing is unpickled).
 
-Connect to a cluster with ``--ray-address ray://HEAD:10001`` (or ``$RAY_ADDRESS``); without one
-a local Ray instance is started. OUT, the image paths and the --checkpoint folder must then be
+Connect to a cluster with ``address="ray://HEAD:10001"`` (or ``$RAY_ADDRESS``); without one a
+local Ray instance is started. OUT, the image paths and the checkpoint folder must then be
 reachable from every node (a shared filesystem, or URIs for the images).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import shutil
-import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from gapcam import images
 from gapcam.errors import GapcamError, OutputError
-from gapcam.explain import Localizer, Result, view_options_from_args
-from gapcam.export import atomic_write, encode_image
-from gapcam.models import model_or_checkpoint
+from gapcam.localizer import Localizer
+from gapcam.outputs import atomic_write, encode_image
+from gapcam.result import Result
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
 
@@ -123,6 +124,16 @@ def error_row(path: str, message: str) -> dict[str, Any]:
     return {**empty, "path": path, "error": message}
 
 
+@dataclass(frozen=True)
+class ActorOutputs:
+    """The overlay each actor draws (unless ``overlay`` is False)."""
+
+    overlay: bool = True
+    fmt: str = "png"
+    alpha: float = 0.5
+    cmap: str = "jet"
+
+
 class LocalizeActor:
     """One Localizer per Ray actor; ``__call__`` maps a batch of paths to result rows."""
 
@@ -131,11 +142,7 @@ class LocalizeActor:
 
         torch.set_num_threads(max(1, threads))
         self.options = options
-        settings = dict(options["localizer"])
-        model = model_or_checkpoint(
-            settings.pop("model"), settings["weights"], options.get("checkpoint")
-        )
-        self.localizer = Localizer(model, **settings)
+        self.localizer = Localizer.from_options(options["localizer"])
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         import pyarrow as pa
@@ -144,15 +151,16 @@ class LocalizeActor:
         loaded: list[tuple[int, images.LoadedImage]] = []
         for path in [str(p) for p in batch["path"]]:
             try:
-                loaded.append((len(rows), _read(path, self.options["max_pixels"])))
+                loaded.append((len(rows), _read(path, self.localizer.max_pixels)))
                 rows.append(None)
             except GapcamError as exc:
                 rows.append(error_row(path, str(exc)))
+        top_k = self.options["top_k"]
         results = self.localizer.explain(
             [item for _, item in loaded],
             classes=self.options["classes"],
-            cam_top_k=self.options["top_k"],
-            top_k=max(5, self.options["top_k"]),
+            top_k=top_k,
+            predictions=max(5, top_k),
         )
         for (index, _), result in zip(loaded, results, strict=True):
             path = str(batch["path"][index])
@@ -166,80 +174,80 @@ class LocalizeActor:
         folder = self.options["overlays"]
         if folder is None:
             return None
+        outputs = ActorOutputs(**self.options["outputs"])
         digest = hashlib.sha1(path.encode()).hexdigest()[:10]
-        fmt = self.options["format"]
-        target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{fmt}"
-        figure = result.figure(alpha=self.options["alpha"], cmap=self.options["cmap"])
-        atomic_write(target, encode_image(figure, fmt), overwrite=True)
+        target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{outputs.fmt}"
+        figure = result.figure(alpha=outputs.alpha, cmap=outputs.cmap)
+        atomic_write(target, encode_image(figure, outputs.fmt), overwrite=True)
         return str(Path(self.options["final_out"]) / "overlays" / target.name)
 
 
-def actor_options(args: argparse.Namespace, staging: Path) -> dict[str, Any]:
-    """The plain (picklable) settings every actor builds its Localizer from."""
-    return {
-        "checkpoint": _checkpoint(args),
-        "localizer": {
-            "model": args.model,
-            "weights": args.weights,
-            "threshold": args.threshold,
-            "normalize": args.normalize,
-            "min_area": args.min_area,
-            "resize": args.resize,
-            "device": args.device,
-            "max_pixels": args.max_pixels,
-            "backend": args.backend or "auto",
-            "precision": getattr(args, "precision", None) or "float32",
-            **view_options_from_args(args),
-        },
-        "max_pixels": args.max_pixels,
-        "classes": args.classes,
-        "top_k": args.top_k,
-        "overlays": None if args.no_overlay else str(staging / "overlays"),
-        "final_out": str(args.out),
-        "format": args.format,
-        "alpha": args.alpha,
-        "cmap": args.cmap,
-    }
-
-
-def _checkpoint(args: argparse.Namespace) -> str | None:
-    """``--checkpoint RUN`` as an absolute path for the actors (None without one), checked here
-    first so that a bad run folder fails before Ray starts, with the local engine's messages."""
-    checkpoint = getattr(args, "checkpoint", None)
+def check_checkpoint(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with its ``checkpoint`` (if any) as an absolute path for the actors, checked
+    here first so that a bad run folder fails before Ray starts, with the local engine's
+    messages."""
+    checkpoint = settings.get("checkpoint")
     if not checkpoint:
-        return None
-    if args.model or args.weights:
-        model_or_checkpoint(args.model, args.weights, checkpoint)  # refuses the mix
+        return dict(settings)
+    if settings.get("model") or settings.get("weights"):
+        from gapcam.models import model_or_checkpoint
+
+        model_or_checkpoint(settings.get("model"), settings.get("weights"), checkpoint)
     from gapcam.models.checkpoint import read_metadata
 
     read_metadata(Path(checkpoint))
-    return str(Path(checkpoint).resolve())
+    return {**settings, "checkpoint": str(Path(checkpoint).resolve())}
 
 
-def run_ray(args: argparse.Namespace) -> int:
-    """The Ray job: list, map with actors, write Parquet; returns the exit code."""
+def run(
+    inputs: Sequence[str],
+    out: Path,
+    localizer: Mapping[str, Any],
+    outputs: ActorOutputs = ActorOutputs(),
+    *,
+    classes: Sequence[int | str] | None = None,
+    top_k: int = 1,
+    limit: int | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+    actors: int | None = None,
+    batch_size: int | None = None,
+    quiet: bool = False,
+    on_error: Callable[[str], None] = lambda _: None,
+) -> tuple[int, int, Path]:
+    """The Ray job: list ``inputs``, map them with actors that build their Localizer from the
+    plain settings ``localizer`` (``Localizer.from_options``), write Parquet (and overlays) to
+    ``out``. Returns (inputs done, inputs failed, ``out``); unreadable inputs go to
+    ``on_error`` as they are listed (the actors' failures are rows with ``error`` set)."""
     try:
         import ray
     except ImportError as exc:
-        raise GapcamError("--engine ray needs Ray Data: pip install 'gapcam[ray]'") from exc
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
+        raise GapcamError("the Ray engine needs Ray Data: pip install 'gapcam[ray]'") from exc
+    if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite or choose another --out")
-    _checkpoint(args)  # a bad --checkpoint fails here, before Ray starts
-    paths, problems = list_sources(args.inputs)
-    paths = paths[: args.limit] if args.limit else paths
+    settings = check_checkpoint(localizer)  # a bad checkpoint fails here, before Ray starts
+    paths, problems = list_sources(list(inputs))
+    paths = paths[:limit] if limit else paths
     for message in problems:
-        print(f"error: {message}", file=sys.stderr)
+        on_error(message)
     if not paths:
         raise GapcamError("no images to process: check the SOURCE arguments")
     if not ray.is_initialized():
-        level = logging.WARNING if args.quiet else logging.INFO
-        ray.init(address=args.ray_address, log_to_driver=False, logging_level=level)
-    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+        level = logging.WARNING if quiet else logging.INFO
+        ray.init(address=address, log_to_driver=False, logging_level=level)
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        rows = localize_dataset(paths, actor_options(args, staging), args)
+        options = {
+            "localizer": settings,
+            "classes": classes,
+            "top_k": top_k,
+            "overlays": str(staging / "overlays") if outputs.overlay else None,
+            "outputs": asdict(outputs),
+            "final_out": str(out),
+        }
+        rows = localize_dataset(paths, options, actors=actors, batch_size=batch_size)
         rows.write_parquet(str(staging / "parquet"))
         errors = _count_errors(staging / "parquet")
         if out.exists():
@@ -248,29 +256,31 @@ def run_ray(args: argparse.Namespace) -> int:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    failed = errors + len(problems)
-    print(
-        f"gapcam: {len(paths) - errors} of {len(paths) + len(problems)} inputs done, "
-        f"{failed} failed; Parquet in {out / 'parquet'}",
-        file=sys.stderr,
-    )
-    return 0 if not failed else 1
+    return len(paths) - errors, errors + len(problems), out
 
 
-def localize_dataset(paths: list[str], options: dict[str, Any], args: argparse.Namespace) -> Any:
-    """The lazy Ray dataset of result rows (one per path, in order)."""
+def localize_dataset(
+    paths: list[str],
+    options: dict[str, Any],
+    *,
+    actors: int | None = None,
+    batch_size: int | None = None,
+) -> Any:
+    """The lazy Ray dataset of result rows (one per path, in order). ``actors``: how many
+    (default: one per 4 CPUs of the cluster, one per CPU up to 4 CPUs, keeping one CPU for the
+    Parquet writers)."""
     import ray
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_actor = 1 if cpus <= 4 else 4
-    actors = args.workers or max(1, (cpus - 1) // per_actor)
+    actors = actors or max(1, (cpus - 1) // per_actor)
     dataset = ray.data.from_items([{"path": p} for p in paths])
     return dataset.map_batches(
         LocalizeActor,
         fn_constructor_kwargs={"options": options, "threads": per_actor},
-        batch_size=args.batch_size or 16,
+        batch_size=batch_size or 16,
         batch_format="numpy",
         concurrency=actors,
         num_cpus=per_actor,

@@ -6,7 +6,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 ResizeMode = Literal["stretch", "letterbox"]
+
+# The choices the library accepts, here so that the command line can offer them without
+# importing torch. Each is checked where it is used (the module named beside it).
+
+#: the embedded default model (``gapcam.models``)
+DEFAULT_MODEL = "efficientnet_lite0"
+#: how an image is fitted to the network input (``gapcam.images``)
 RESIZE_MODES: tuple[str, ...] = ("stretch", "letterbox")
+#: who runs the network (``gapcam.backends``)
+BACKENDS: tuple[str, ...] = ("auto", "eager", "onnx")
+#: the forward pass's precision (``gapcam.backends``)
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: normalisations of a map before its box threshold (``gapcam.localizer``)
+BOX_NORMALIZATIONS: tuple[str, ...] = ("minmax", "max")
+#: named view settings (``Localizer.from_preset``, ``--preset``), measured on the ILSVRC dev
+#: set in docs/evaluate.md: ``cam`` is the paper's single pass (the default)
+PRESETS: dict[str, dict[str, Any]] = {
+    "cam": {},
+    "fine": {"input_size": 288},
+    "best": {"scales": (1.0, 1.5)},
+}
 
 
 @dataclass(frozen=True)

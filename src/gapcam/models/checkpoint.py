@@ -69,7 +69,7 @@ def checkpoint_files(
 
     ``gapcam.json`` records the sha256 of ``model.safetensors``, so a mismatched pair (a run
     folder changed or copied in part) is detected when loading. Write both together, each to a
-    temporary name first and then renamed (``gapcam.export.atomic_write_all``), so that a full
+    temporary name first and then renamed (``gapcam.outputs.atomic_write_all``), so that a full
     disk leaves the previous run intact.
     """
     import hashlib

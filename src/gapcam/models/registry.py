@@ -14,8 +14,7 @@ from pathlib import Path
 
 from gapcam.errors import ModelError, UnsupportedModelError
 from gapcam.models.base import GapModel
-
-DEFAULT_MODEL = "efficientnet_lite0"
+from gapcam.types import DEFAULT_MODEL
 
 Builder = Callable[[str | Path | None], GapModel]
 
@@ -93,12 +92,12 @@ def build_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) ->
 def model_or_checkpoint(
     model: str | None, weights: str | Path | None = None, checkpoint: str | Path | None = None
 ) -> GapModel | str:
-    """What ``--model/--weights`` or ``--checkpoint RUN`` name, as a front end passes it on:
+    """What ``model``/``weights`` or ``checkpoint`` (a run folder) name, as a front end passes it on:
     a registered name (built later with the weights), or the GapModel of a training run."""
     if checkpoint:
         if weights or model:
             raise ModelError(
-                "--checkpoint and --model/--weights: the run folder names its backbone; "
+                "checkpoint= and model=/weights=: the run folder names its backbone; "
                 "give one or the other, not both"
             )
         from gapcam.models.checkpoint import load_checkpoint

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gapcam import __version__, images, overlay
 from gapcam.errors import GapcamError, ImageError
-from gapcam.explain import Localizer
+from gapcam.localizer import Localizer
 from gapcam.web import payload, schemas
 from gapcam.web.upload import UploadError, read_upload
 
@@ -109,7 +109,7 @@ class _Service:
         started = time.perf_counter()
         loaded = images.load_image(upload.data, name=upload.name, max_pixels=self.max_pixels)
         with self.lock:
-            result = self.localizer.explain([loaded], cam_top_k=TOP_K, top_k=TOP_K)[0]
+            result = self.localizer.explain([loaded], top_k=TOP_K, predictions=TOP_K)[0]
         body = payload.build(
             result,
             threshold=query["threshold"],

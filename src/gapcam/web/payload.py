@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from gapcam.boxes import boxes_from_map
-from gapcam.explain import Result
+from gapcam.result import Result
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:

@@ -1,4 +1,4 @@
-"""``gapcam serve``: build the Localizer and the app, bind, run uvicorn.
+"""Serving the app: bind a socket, run uvicorn (``gapcam serve`` is ``gapcam.cli.serve``).
 
 Also ``running(app)``: the same server on a free loopback port in a background thread, for tests
 and notebooks. The socket is bound here, before uvicorn starts, so that a busy port is a clear
@@ -7,21 +7,16 @@ one-line error instead of a log message from deep inside uvicorn.
 
 from __future__ import annotations
 
-import argparse
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gapcam.errors import GapcamError
 from gapcam.web import REQUIRED_MODULES
-
-if TYPE_CHECKING:
-    from gapcam.explain import Localizer
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -64,73 +59,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(app: Any, log_level: str) -> Any:
+def uvicorn_server(app: Any, log_level: str = "warning") -> Any:
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, access_log=False)
     return uvicorn.Server(config)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """The body of ``gapcam serve``; returns the exit code."""
-    problem = missing_extra()
-    if problem:
-        print(f"gapcam: error: {problem}", file=sys.stderr)
-        return 2
-    from gapcam.web.app import create_app
-
-    if not args.max_upload_mb > 0:
-        raise GapcamError(f"--max-upload-mb {args.max_upload_mb}: must be a positive size in MB")
-    # bad --checkpoint/--model/--preset combinations stop here, before the port is taken
-    localizer = localizer_from_args(args)
-    sock = bind(args.host, args.port)
-    try:
-        loopback = args.host in LOOPBACK_HOSTS
-        app = create_app(
-            localizer,
-            max_upload_bytes=round(args.max_upload_mb * 1_000_000),
-            max_pixels=args.max_pixels,
-            allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if loopback else None,
-        )
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        print(
-            f"gapcam: serving {localizer.gap_model.name} on http://{shown}:{port}/ (Ctrl+C stops)"
-        )
-        if note := localizer.backend_used[1]:
-            print(f"gapcam: note: {note}", file=sys.stderr)
-        if not loopback:
-            print(
-                f"gapcam: warning: --host {args.host} accepts connections from other machines; "
-                "anyone who can reach it can use this server",
-                file=sys.stderr,
-            )
-        _server(app, "warning").run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
-
-
-def localizer_from_args(args: argparse.Namespace) -> Localizer:
-    """The server's Localizer from ``gapcam serve``'s arguments: ``--model/--weights`` or
-    ``--checkpoint``, the view options (``--preset`` ...), ``--backend`` and ``--precision``."""
-    from gapcam.explain import Localizer, view_options_from_args
-    from gapcam.models import model_or_checkpoint
-
-    return Localizer(
-        model_or_checkpoint(args.model, args.weights, args.checkpoint),
-        weights=args.weights,
-        backend=args.backend,
-        precision=args.precision,
-        **view_options_from_args(args),
-    )
-
-
 @contextmanager
 def running(app: Any, host: str = "127.0.0.1", start_timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` on a free port of ``host`` in a thread; yields the base URL."""
     sock = bind(host, 0)
-    server = _server(app, "warning")
+    server = uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

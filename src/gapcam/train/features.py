@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from gapcam import images
+from gapcam.console import progress_bar
 from gapcam.errors import GapcamError
 from gapcam.models.base import GapModel, inference_state
 
@@ -116,7 +116,7 @@ def pooled_features(
     out = Extracted(torch.empty(0), torch.empty(0))
     pending: list[tuple[int, np.ndarray, str]] = []
     digests: dict[int, str] = {}
-    bar = progress(len(items), label, quiet)
+    bar = progress_bar(len(items), label, quiet=quiet)
     for index, (path, _) in enumerate(items):
         try:
             data = path.read_bytes()
@@ -182,11 +182,3 @@ def _run_batch(
         if cache is not None:
             cache.put(digest, vectors[index])
     bar.update(len(pending))
-
-
-def progress(total: int, label: str, quiet: bool) -> Any:
-    """A tqdm bar on stderr (only when stderr is a terminal and not ``quiet``)."""
-    from tqdm import tqdm
-
-    disable = True if quiet else None  # None: no bar unless stderr is a terminal
-    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=False, disable=disable)

@@ -21,8 +21,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gapcam.datasets.core import MAX_LISTED, Dataset, Entry, Problems, Resolve, Sample, validate
 from gapcam.errors import DatasetError
+from gapcam.eval.datasets.core import (
+    MAX_LISTED,
+    Dataset,
+    Entry,
+    Problems,
+    Resolve,
+    Sample,
+    validate,
+)
 
 LAYOUTS = ("auto", "wsol", "voc", "csv")
 
@@ -70,7 +78,7 @@ def load_dataset(
 def _read(
     source: Path, layout: str, split: str | None, images: Path | None, problems: Problems
 ) -> tuple[list[Entry], tuple[tuple[int, str, str], ...]]:
-    from gapcam.datasets import readers, voc
+    from gapcam.eval.datasets import readers, voc
 
     if layout == "wsol":
         folder = source / split if split else source

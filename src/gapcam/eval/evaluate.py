@@ -4,7 +4,7 @@ For every image the Localizer maps the ground-truth class (``classes_per_image``
 that also gives its top-5 predictions. Top-k localization needs no other map: a top-k guess
 can only be right with the ground-truth class, and its box is then the one from the
 ground-truth class's map, so top-k loc = (label in top-k) and (GT-known box correct). The
-metrics and their conventions are in ``gapcam.metrics`` and docs/evaluate.md.
+metrics and their conventions are in ``gapcam.eval.metrics`` and docs/evaluate.md.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from gapcam import images, metrics
+from gapcam import images
 from gapcam._version import __version__
-from gapcam.datasets import Dataset, Sample
 from gapcam.errors import ClassSelectionError, DatasetError, GapcamError
-from gapcam.explain import Localizer, Result
+from gapcam.eval import metrics
+from gapcam.eval.datasets import Dataset, Sample
+from gapcam.localizer import Localizer
 from gapcam.models import GapModel
+from gapcam.result import Result
 
 SCHEMA = "gapcam.evaluate/1"
 WORDNET_ID = re.compile(r"n\d{8}")
@@ -85,7 +87,9 @@ def evaluate(
     started, sweep = time.perf_counter(), 0.0
     for batch in _batches(dataset.samples, batch_size):
         loaded = [_load(sample) for sample in batch]
-        results = localizer.explain(loaded, classes_per_image=[[s.label] for s in batch], top_k=5)
+        results = localizer.explain(
+            loaded, classes_per_image=[[s.label] for s in batch], predictions=5
+        )
         for sample, result in zip(batch, results, strict=True):
             tick = time.perf_counter()
             records.append(score(sample, result, boxes, pixels, localizer.threshold))

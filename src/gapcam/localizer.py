@@ -13,30 +13,29 @@ a measured combination from ``PRESETS``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from gapcam import cam, images, overlay
-from gapcam.backends import check_device, make_backend
+from gapcam import cam, images
+from gapcam.backends import Backend, check_device, make_backend
 from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
-from gapcam.models import DEFAULT_MODEL, GapModel, build_model, inference_state
-from gapcam.types import RESIZE_MODES, ClassMap, Prediction, Preprocess, Settings
-
-#: Named view settings for ``Localizer.from_preset`` (and ``--preset``), measured on the
-#: ILSVRC dev set in docs/evaluate.md: ``cam`` is the paper's single pass (the default).
-PRESETS: dict[str, dict[str, Any]] = {
-    "cam": {},
-    "fine": {"input_size": 288},
-    "best": {"scales": (1.0, 1.5)},
-}
-
+from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
+from gapcam.result import KEEP_MAPS_PIXELS, Result, normalized_maps
+from gapcam.types import (
+    BOX_NORMALIZATIONS,
+    DEFAULT_MODEL,
+    PRESETS,
+    RESIZE_MODES,
+    ClassMap,
+    Prediction,
+    Preprocess,
+    Settings,
+)
 
 #: The output stride of the supported networks' last feature map. View sizes are rounded to a
 #: multiple of it: otherwise the h x w grid spans more than the input (336 px gives an 11 x 11
@@ -53,7 +52,7 @@ def view_options(
 ) -> dict[str, Any]:
     """Localizer keyword arguments from a preset, overridden by explicit view options."""
     if preset is not None and preset not in PRESETS:
-        raise GapcamError(f"--preset {preset}: use one of {', '.join(PRESETS)}")
+        raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
     views: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
     if input_size is not None:
         views["input_size"] = input_size
@@ -64,142 +63,11 @@ def view_options(
     return views
 
 
-def view_options_from_args(args: Any) -> dict[str, Any]:
-    """``view_options`` from a front end's parsed ``--preset/--input-size/--hflip/--scales``
-    (any of them may be missing from ``args``)."""
-    return view_options(
-        getattr(args, "preset", None),
-        getattr(args, "input_size", None),
-        getattr(args, "hflip", False),
-        getattr(args, "scales", None),
-    )
-
-
-#: Normalisations a Localizer accepts: boxes threshold a map scaled to [0, 1].
-BOX_NORMALIZATIONS = ("minmax", "max")
-
-
 def _stride_multiple(side: float) -> int:
     return max(FEATURE_STRIDE, int(side / FEATURE_STRIDE + 0.5) * FEATURE_STRIDE)
 
 
 @dataclass(frozen=True)
-class Result:
-    """Everything gapcam knows about one image."""
-
-    name: str
-    image: Image.Image
-    predictions: tuple[Prediction, ...]
-    maps: tuple[ClassMap, ...]
-    settings: Settings
-    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
-    path: Path | None = None
-    notes: tuple[str, ...] = ()
-    kept_maps: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
-    map_device: str = field(default="cpu", repr=False, compare=False)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
-
-    @property
-    def normalized(self) -> tuple[np.ndarray, ...]:
-        """The normalised maps at the original image size (H x W float32), one per map.
-
-        Kept from the forward pass for images up to ``KEEP_MAPS_PIXELS``; for larger ones they
-        are made again from ``low_res`` on first use (the same computation on the same device,
-        the same values), so a queue of results waiting to be written does not hold them.
-        """
-        if self.kept_maps is not None:
-            return self.kept_maps
-        low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
-        width, height = self.size
-        maps = _normalized_maps(
-            low.to(self.map_device), (height, width), self.region, self.settings
-        )
-        object.__setattr__(self, "kept_maps", maps)  # made once, then kept
-        return maps
-
-    @property
-    def top(self) -> Prediction:
-        return self.predictions[0]
-
-    def cam(self, index: int = 0) -> np.ndarray:
-        """The normalised map of ``maps[index]`` at the original image size (H x W float32)."""
-        return self.normalized[index]
-
-    def raw_cam(self, index: int = 0) -> np.ndarray:
-        """The raw (not normalised) map of ``maps[index]`` upsampled to the image (H x W)."""
-        low = torch.from_numpy(self.maps[index].low_res)[None, None]
-        width, height = self.size
-        return cam.upsample(low, (height, width), self.region)[0, 0].numpy()
-
-    def overlay(
-        self, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", boxes: bool = True
-    ) -> Image.Image:
-        """The CAM figure for ``maps[index]``: heatmap, box(es), caption."""
-        class_map = self.maps[index]
-        p = class_map.prediction
-        caption = f"{p.name}  {p.probability:.1%}"
-        return overlay.render(
-            self.image,
-            self.normalized[index],
-            class_map.boxes if boxes else (),
-            caption,
-            alpha,
-            cmap,
-        )
-
-    def figure(self, *, alpha: float = 0.5, cmap: str = "jet", boxes: bool = True) -> Image.Image:
-        """One panel per mapped class (a single overlay when there is one class)."""
-        panels = [
-            self.overlay(i, alpha=alpha, cmap=cmap, boxes=boxes) for i in range(len(self.maps))
-        ]
-        return panels[0] if len(panels) == 1 else overlay.grid(panels)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (schema in docs/json.md)."""
-        width, height = self.size
-        return {
-            "input": self.name,
-            "width": width,
-            "height": height,
-            "predictions": [_prediction_dict(p) for p in self.predictions],
-            "maps": [
-                {
-                    **_prediction_dict(m.prediction),
-                    "boxes": [{"xyxy": b.as_list(), "area": b.area} for b in m.boxes],
-                    "raw_min": m.raw_min,
-                    "raw_max": m.raw_max,
-                    "feature_size": list(m.low_res.shape),
-                }
-                for m in self.maps
-            ],
-            "notes": list(self.notes),
-        }
-
-
-#: Results keep their full-size normalised maps up to this many pixels (4 bytes per pixel per
-#: map); larger images recompute them when drawn (see ``Result.normalized``).
-KEEP_MAPS_PIXELS = 1 << 21
-
-
-def _normalized_maps(
-    low: torch.Tensor,
-    size: tuple[int, int],
-    region: tuple[float, float, float, float],
-    settings: Settings,
-) -> tuple[np.ndarray, ...]:
-    """1 x k x h x w maps -> k normalised H x W float32 arrays in original image coordinates."""
-    up = cam.normalize(cam.upsample(low, size, region), settings.normalize)[0]
-    return tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
-
-
-def _prediction_dict(p: Prediction) -> dict[str, Any]:
-    return {"index": p.index, "name": p.name, "probability": p.probability, "logit": p.logit}
-
-
-@dataclass
 class Localizer:
     """A model plus localisation settings; call it on images.
 
@@ -208,23 +76,27 @@ class Localizer:
     (CAM paper: 0.2); further components of at least ``min_area`` x image area are extra boxes.
 
     Keyword-only view options (the defaults give one plain forward pass): ``input_size``
-    (an int or (height, width), rounded to a multiple of ``FEATURE_STRIDE``; the settings
-    record the size used) replaces the model's input size; ``hflip`` adds the mirrored
+    (an int or (height, width), each a multiple of ``FEATURE_STRIDE``) replaces the model's
+    input size; ``hflip`` adds the mirrored
     image; ``scales`` (factors of the input size) adds resized copies. With several views the
     logits are averaged, and so are the CAMs (each mirrored back and resampled bilinearly to
     the finest feature grid, which is what ``ClassMap.low_res`` then holds) before the
     normalisation. ``backend`` runs the feature extractor: ``eager`` (PyTorch, the default
-    here), ``onnx`` (ONNX Runtime, ~3x faster on a CPU) or ``auto`` (see ``gapcam.backends``).
+    here), ``onnx`` (ONNX Runtime) or ``auto`` (see ``gapcam.backends``; speed measured in
+    docs/speed.md).
 
     ``precision``: ``float32`` (default), or ``bfloat16`` / ``float16`` for the feature
     extractor (eager backend, autocast; the logits and CAMs are still computed in float32 from
-    the live weights). bfloat16 is ~1.7x faster on CPUs with AVX512-BF16 or AMX and float16 is
-    for GPUs; both move normalised CAMs by about 2% of their range (docs/speed.md).
+    the live weights); float16 needs a GPU. What each costs and how far it moves the maps is
+    measured in docs/speed.md.
 
     ``streams``: how many threads will call ``explain`` at once (the ``gapcam localize``
     pipeline runs 2). With the ONNX backend each stream gets its share of torch's threads, so
     one stream's resizing and CAM post-processing overlaps the other's forward pass; see
     ``concurrency`` for what the backend allows (the eager backend: one call at a time).
+
+    A Localizer is immutable: ``dataclasses.replace(loc, threshold=0.3)`` makes a variant
+    (it shares the built model; the backend is made again for the new settings).
     """
 
     model: GapModel | str = DEFAULT_MODEL
@@ -243,7 +115,7 @@ class Localizer:
     backend: str = "eager"
     streams: int = 1
     precision: str = "float32"
-    _runner: Any = field(init=False, repr=False)
+    _runner: Backend = field(init=False, repr=False)
 
     @classmethod
     def from_preset(
@@ -254,7 +126,20 @@ class Localizer:
             raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
         return cls(model, **{**PRESETS[preset], **kwargs})
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Localizer:
+        """A Localizer from plain, picklable settings, as a front end sends them to its workers:
+        the keywords of ``Localizer``, with ``model`` a registered name (None: the default)
+        and ``checkpoint`` a run folder made by ``gapcam train`` (instead of ``model``)."""
+        settings = dict(options)
+        model = model_or_checkpoint(
+            settings.pop("model", None), settings.get("weights"), settings.pop("checkpoint", None)
+        )
+        return cls(model, **settings)
+
     def __post_init__(self) -> None:
+        # frozen: the fields are checked and completed here, once, then never change
+        setattr_ = object.__setattr__
         if not 0.0 <= self.threshold <= 1.0:
             raise GapcamError(f"threshold={self.threshold}: must be between 0 and 1")
         if not 0.0 <= self.min_area <= 1.0:
@@ -270,20 +155,24 @@ class Localizer:
         if not isinstance(self.streams, int) or self.streams < 1:
             raise GapcamError(f"streams={self.streams!r}: give a positive integer")
         device = None if self.device is None else check_device(self.device)
-        if isinstance(self.model, GapModel):
-            self._model = self.model
-        else:
-            self._model = build_model(self.model, self.weights)
-        if device is not None and device != self._model.device:
-            self._model.module.to(device)  # asked for explicitly: a given model moves too
+        model = (
+            self.model
+            if isinstance(self.model, GapModel)
+            else build_model(self.model, self.weights)
+        )
+        setattr_(self, "_model", model)
+        setattr_(self, "model", model)  # a variant made with dataclasses.replace reuses it
+        if device is not None and device != model.device:
+            model.module.to(device)  # asked for explicitly: a given model moves too
         threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
-        self._runner = make_backend(
-            self._model,
+        runner = make_backend(
+            model,
             self.backend,
             self.preprocess.size,
             threads=threads,
             precision=self.precision,
         )
+        setattr_(self, "_runner", runner)
 
     @property
     def gap_model(self) -> GapModel:
@@ -309,7 +198,13 @@ class Localizer:
             raise GapcamError(
                 f"input_size={size!r}: give one side or (height, width) in pixels, at least 8"
             )
-        self.scales = tuple(self.scales)
+        if sides is not None and any(side % FEATURE_STRIDE for side in sides):
+            near = sorted({_stride_multiple(side) for side in sides})
+            raise GapcamError(
+                f"input_size={size!r}: must be a multiple of {FEATURE_STRIDE} (the feature "
+                f"grid's stride), e.g. {', '.join(map(str, near))}"
+            )
+        object.__setattr__(self, "scales", tuple(self.scales))
         if not self.scales or not all(0.1 <= float(s) <= 8.0 for s in self.scales):
             raise GapcamError(
                 f"scales={self.scales!r}: give one or more factors of the input size, "
@@ -317,13 +212,12 @@ class Localizer:
             )
 
     @property
-    def preprocess(self) -> Any:
+    def preprocess(self) -> Preprocess:
         preprocess = self._model.preprocess.replace(resize=self.resize)
         if self.input_size is None:
             return preprocess
         size = self.input_size
-        sides = (size, size) if isinstance(size, int) else tuple(size)
-        return preprocess.replace(size=tuple(_stride_multiple(side) for side in sides))
+        return preprocess.replace(size=(size, size) if isinstance(size, int) else tuple(size))
 
     def views(self) -> list[tuple[Preprocess, bool]]:
         """The (preprocessing, mirrored) pairs one call runs: one per scale, and mirrored too."""
@@ -362,18 +256,19 @@ class Localizer:
         source: Any,
         *,
         classes: Sequence[int | str] | None = None,
-        cam_top_k: int = 1,
-        top_k: int = 5,
+        top_k: int = 1,
+        predictions: int = 5,
     ) -> Result | list[Result]:
         """Explain one image (path, bytes, PIL, array, tensor) or a list of them (batched).
 
-        CAMs are made for ``classes`` (indices or names) when given, else for the ``cam_top_k``
-        best-scoring classes of each image; ``top_k`` predictions are listed.
+        CAMs are made for ``classes`` (indices or names) when given, else for the ``top_k``
+        best-scoring classes of each image (as ``gapcam localize --top-k``); the
+        ``predictions`` best classes are listed.
         """
         single = not isinstance(source, (list, tuple))
         sources = [source] if single else list(source)
         loaded = [images.load_image(s, max_pixels=self.max_pixels) for s in sources]
-        results = self.explain(loaded, classes=classes, cam_top_k=cam_top_k, top_k=top_k)
+        results = self.explain(loaded, classes=classes, top_k=top_k, predictions=predictions)
         return results[0] if single else results
 
     def resolve_classes(self, classes: Sequence[int | str]) -> list[int]:
@@ -386,8 +281,8 @@ class Localizer:
         loaded: Sequence[images.LoadedImage],
         *,
         classes: Sequence[int | str] | None = None,
-        cam_top_k: int = 1,
-        top_k: int = 5,
+        top_k: int = 1,
+        predictions: int = 5,
         classes_per_image: Sequence[Sequence[int | str]] | None = None,
     ) -> list[Result]:
         """One forward pass (per view) for a batch of loaded images.
@@ -408,8 +303,8 @@ class Localizer:
             if len(features) > 1:
                 logits = torch.stack([logits, *map(model.logits, features[1:])]).mean(dim=0)
             probabilities = torch.softmax(logits.float(), dim=1)
-            k = min(max(top_k, 1), model.num_classes)
-            n_maps = min(max(cam_top_k, 1), model.num_classes)
+            k = min(max(predictions, 1), model.num_classes)
+            n_maps = min(max(top_k, 1), model.num_classes)
             top_i = probabilities.topk(max(k, n_maps), dim=1).indices
             mapped = top_i[:, :n_maps] if chosen is None else chosen.to(logits.device)
             lows = [
@@ -497,7 +392,7 @@ class Localizer:
 
         width, height = item.size
         _, region = images.fit_region(width, height, preprocess)
-        normalized = _normalized_maps(low, (height, width), region, settings)
+        normalized = normalized_maps(low, (height, width), region, settings)
         low_np = low[0].cpu().numpy()
         maps = tuple(
             ClassMap(

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
-from gapcam.datasets.core import Entry, Problems, parse_int
-from gapcam.datasets.readers import name_by_label
 from gapcam.errors import DatasetError
+from gapcam.eval.datasets.core import Entry, Problems, parse_int
+from gapcam.eval.datasets.readers import name_by_label
 from gapcam.images import IMAGE_SUFFIXES
 
 #: Tried, in order, for an annotation whose <filename> has no suffix (ImageNet's XML).

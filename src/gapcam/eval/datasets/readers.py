@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gapcam.datasets.core import Entry, Problems, parse_box, parse_int, read_lines
 from gapcam.errors import DatasetError
+from gapcam.eval.datasets.core import Entry, Problems, parse_box, parse_int, read_lines
 
 CSV_HEADER = ["path", "label", "x0", "y0", "x1", "y1"]
 WSOL_REQUIRED = ("image_ids.txt", "class_labels.txt", "localization.txt")

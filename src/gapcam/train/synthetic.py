@@ -22,7 +22,6 @@ gives the same files, and asking for more images keeps the first ones unchanged.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -176,7 +175,7 @@ def generate(
 ) -> dict[str, int]:
     """Write the dataset under ``out``; returns the number of images per split."""
     from gapcam._version import __version__
-    from gapcam.export import atomic_write, encode_image
+    from gapcam.outputs import atomic_write, encode_image
 
     names = _class_names(classes)
     val_count = max(2, per_class // 4) if val_per_class is None else val_per_class
@@ -240,23 +239,3 @@ def _check_target(root: Path, overwrite: bool) -> None:
         )
     for split in SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    """``gapcam synth OUT``: write the dataset and say how to use it."""
-    counts = generate(
-        args.out,
-        classes=args.classes,
-        per_class=args.per_class,
-        val_per_class=args.val_per_class,
-        size=args.size,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
-    out = Path(args.out)
-    print(
-        f"wrote {counts['train']} train and {counts['val']} val images ({args.size}x{args.size}) "
-        f"to {out}/, true boxes in {out}/train/{CSV_NAME} and {out}/val/{CSV_NAME}"
-    )
-    print(f"train on it: gapcam train {out} --out {out.name}-run")
-    return 0

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from gapcam.export import atomic_write, atomic_write_all, encode_image
-from gapcam.feature_cache import Extracted
-from gapcam.finetune import stage_names
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import checkpoint_files, trained_tensors
 from gapcam.models.weights import load_tensors
-from gapcam.train_data import Dataset
-from gapcam.train_loop import LoopState, Standardizer
+from gapcam.outputs import atomic_write, atomic_write_all, encode_image
+from gapcam.train.data import Dataset
+from gapcam.train.features import Extracted
+from gapcam.train.finetune import stage_names
+from gapcam.train.loop import LoopState, Standardizer
 
 STATE = "train_state.safetensors"
 CURVE, CONFUSION, OVERLAYS = "curve.png", "confusion.png", "overlays"
@@ -172,8 +172,8 @@ def _figures(run: RunData, model: GapModel, metrics: dict[str, Any], out: Path) 
 
 def _overlays(run: RunData, model: GapModel, out: Path) -> int:
     """CAM overlays of up to ``config.overlays`` val images, taken in turn from each class."""
-    from gapcam.explain import Localizer
     from gapcam.images import load_image
+    from gapcam.localizer import Localizer
 
     chosen: list[tuple[Path, int]] = []
     by_class: dict[int, list[Path]] = {}

@@ -1,9 +1,9 @@
 """``gapcam train``: a GAP + linear classifier for the user's own classes, in a run folder.
 
 Fast path (the default): the backbone stays frozen, each image's pooled features are computed
-once (and cached on disk, see ``gapcam.feature_cache``), and only the linear head is trained:
+once (and cached on disk, see ``gapcam.train.features``), and only the linear head is trained:
 many epochs cost seconds. ``finetune="last-stage"`` then also trains the backbone's last stage
-with augmentation (see ``gapcam.finetune``), starting from the trained head.
+with augmentation (see ``gapcam.train.finetune``), starting from the trained head.
 
 The run folder (see ``gapcam.models.checkpoint``) holds ``model.safetensors`` + ``gapcam.json``
 (the best epoch on the validation split: what ``gapcam localize --checkpoint RUN`` and
@@ -21,21 +21,22 @@ from typing import Any
 
 import torch
 
-from gapcam import train_loop
 from gapcam.cache import cache_dir
 from gapcam.errors import ModelError, TrainingError
-from gapcam.feature_cache import Extracted, FeatureCache, model_key
-from gapcam.feature_cache import pooled_features as _pooled_features
-from gapcam.finetune import MODES, fit_last_stage, last_stage
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import METADATA, read_metadata, replace_classifier
-from gapcam.train_data import Dataset, discover
-from gapcam.train_loop import LoopState, Standardizer
-from gapcam.train_output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
+from gapcam.train import loop as train_loop
+from gapcam.train.data import Dataset, discover
+from gapcam.train.features import Extracted, FeatureCache, model_key
+from gapcam.train.features import pooled_features as _pooled_features
+from gapcam.train.finetune import MODES, fit_last_stage, last_stage
+from gapcam.train.loop import LoopState, Standardizer
+from gapcam.train.output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
+from gapcam.types import DEFAULT_MODEL
 
 #: Settings that define a run: on ``resume`` they come from the run, and may not be changed.
 DEFAULTS: dict[str, Any] = {
-    "model": "efficientnet_lite0",
+    "model": DEFAULT_MODEL,
     "weights": None,
     "finetune": "none",
     "optimizer": "adamw",
@@ -334,26 +335,3 @@ def _state_tensors(out: Path) -> dict[str, torch.Tensor]:
         return load_file(str(out / STATE), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise TrainingError(f"--resume: cannot read {out / STATE} ({exc})") from exc
-
-
-def run_train(args: Any) -> int:
-    """``gapcam train``: exit 0, or 1 when unreadable images were skipped (the run is complete
-    without them), 130 when interrupted (the run so far is saved: continue with --resume)."""
-    import sys
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out", "cache_dir"}
-    options = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    config = TrainConfig(Path(args.data), Path(args.out), cache_dir=cache_dir, **options)
-    # -q: the progress and the report are dropped; what matters goes to stderr with the summary
-    warn = (lambda line: print(line, file=sys.stderr)) if config.quiet else print
-    report = run_training(config, echo=print, warn=warn)
-    skipped = len(report.skipped)
-    print(
-        f"gapcam: trained {len(report.model.class_names)} classes, val accuracy "
-        f"{report.metrics['val_accuracy']:.1%}, {skipped} image(s) skipped",
-        file=sys.stderr,
-    )
-    if report.interrupted:
-        return 130
-    return 1 if skipped else 0

@@ -16,7 +16,8 @@ import gapcam
 from gapcam import cam
 from gapcam.boxes import box_iou
 from gapcam.errors import ClassSelectionError, GapcamError
-from gapcam.explain import Localizer, Result
+from gapcam.localizer import Localizer
+from gapcam.result import Result
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CAT_FACE = (40, 0, 410, 300)  # generous hand box of the cat in examples/cat.png
@@ -25,7 +26,7 @@ CUP = (170, 15, 410, 300)  # the cup (without the saucer) in examples/coffee.jpg
 
 @pytest.fixture(scope="module")
 def cat_result(localizer: Localizer, cat_path: Path) -> Result:
-    return localizer(cat_path, cam_top_k=3, top_k=5)
+    return localizer(cat_path, top_k=3, predictions=5)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,11 @@ def test_every_input_kind_gives_the_same_result(localizer: Localizer, cat_path: 
 def test_a_batch_equals_single_images(localizer: Localizer, cat_path: Path, coffee_path: Path):
     small = square_image((90, 60), (10, 10, 40, 40), colour=(250, 200, 20))
     sources = [cat_path, coffee_path, small]
-    batch = localizer(sources, cam_top_k=2)
+    batch = localizer(sources, top_k=2)
     assert isinstance(batch, list)
     assert len(batch) == 3
     for source, batched in zip(sources, batch, strict=True):
-        single = localizer(source, cam_top_k=2)
+        single = localizer(source, top_k=2)
         assert [p.index for p in batched.predictions] == [p.index for p in single.predictions]
         for a, b in zip(batched.predictions, single.predictions, strict=True):
             assert a.logit == pytest.approx(b.logit, abs=1e-5, rel=1e-5)
@@ -114,7 +115,7 @@ def test_classes_by_index_and_synonym(localizer: Localizer, cat_path: Path) -> N
         "tiger cat",
     ]
     np.testing.assert_array_equal(result.maps[0].low_res, result.maps[1].low_res)
-    by_score = {p.index: p for p in localizer(cat_path, top_k=1000).predictions}
+    by_score = {p.index: p for p in localizer(cat_path, predictions=1000).predictions}
     for class_map in result.maps:
         assert class_map.prediction == by_score[class_map.prediction.index]
 
@@ -128,14 +129,14 @@ def test_unknown_class(localizer: Localizer, cat_path: Path, classes: list, mess
         localizer(cat_path, classes=classes)
 
 
-def test_top_k_and_cam_top_k(cat_result: Result, localizer: Localizer, cat_path: Path) -> None:
+def test_top_k_maps_and_predictions_lists(cat_result: Result, localizer: Localizer, cat_path: Path) -> None:
     predictions = cat_result.predictions
     assert len(predictions) == 5
     assert all(a.probability >= b.probability for a, b in itertools.pairwise(predictions))
     assert [m.prediction for m in cat_result.maps] == list(predictions[:3])
-    everything = localizer(cat_path, top_k=1000, cam_top_k=1)
+    everything = localizer(cat_path, predictions=1000, top_k=1)
     assert sum(p.probability for p in everything.predictions) == pytest.approx(1.0, abs=1e-4)
-    assert len(localizer(cat_path, top_k=0, cam_top_k=0).maps) == 1
+    assert len(localizer(cat_path, predictions=0, top_k=0).maps) == 1
 
 
 # -- the result: identities and renderings ---------------------------------------------------------
@@ -278,10 +279,10 @@ def test_large_images_recompute_their_maps_with_the_same_values(
     localizer: Localizer, cat_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = Image.open(cat_path).convert("RGB").resize((1600, 1400))
-    lazy = localizer(big, cam_top_k=2)
+    lazy = localizer(big, top_k=2)
     assert lazy.kept_maps is None  # over KEEP_MAPS_PIXELS: nothing full-size held
-    monkeypatch.setattr("gapcam.explain.KEEP_MAPS_PIXELS", 1 << 30)
-    kept = localizer(big, cam_top_k=2)
+    monkeypatch.setattr("gapcam.localizer.KEEP_MAPS_PIXELS", 1 << 30)
+    kept = localizer(big, top_k=2)
     assert kept.kept_maps is not None
     for a, b in zip(lazy.normalized, kept.normalized, strict=True):
         assert a.shape == (1400, 1600)

@@ -25,11 +25,11 @@ from PIL import Image
 from torch import nn
 
 from gapcam import images
+from gapcam.console import progress_bar
 from gapcam.errors import TrainingError
-from gapcam.feature_cache import progress
 from gapcam.models.base import GapModel, inference_state
 from gapcam.models.weights import load_tensors
-from gapcam.train_loop import (
+from gapcam.train.loop import (
     LoopState,
     Report,
     Settings,
@@ -188,7 +188,7 @@ def _train_epoch(
     generator = epoch_generator(settings, "finetune", epoch)
     order = torch.randperm(len(train), generator=generator).tolist()
     total_loss, correct = 0.0, 0
-    bar = progress(len(train), f"epoch {epoch}", quiet)
+    bar = progress_bar(len(train), f"epoch {epoch}", quiet=quiet)
     for start in range(0, len(order), settings.batch_size):
         chosen = order[start : start + settings.batch_size]
         arrays = [

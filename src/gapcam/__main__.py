@@ -1,0 +1,5 @@
+"""``python -m gapcam``: the command line."""
+
+from gapcam.cli import entry
+
+entry()

@@ -1,0 +1,278 @@
+"""``gapcam localize``: expand the inputs, run ``gapcam.batch`` (or the Ray engine), report.
+
+A bad input is reported (one line naming the file) and counted; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from gapcam.cli import options
+from gapcam.errors import GapcamError
+
+if TYPE_CHECKING:
+    from gapcam.localizer import Localizer
+    from gapcam.result import Result
+
+#: progress bars only for runs of more inputs than this
+PROGRESS_AFTER = 3
+
+EXAMPLES = """examples:
+  gapcam localize examples/cat.png
+  gapcam localize photos/ --out cams/ --json results.json
+  gapcam localize 'shots/*.jpg' --top-k 3 --cmap inferno --alpha 0.4
+  gapcam localize examples/cat.png --class "tabby cat" --class 285 --save-cam
+  gapcam localize dog.jpg --model resnet50 --weights resnet50.safetensors --json -
+  gapcam localize --engine ray list.txt --out results/ --limit 100     # Parquet, gapcam[ray]
+"""
+
+
+def add(commands: Any) -> None:
+    p = commands.add_parser(
+        "localize",
+        help="predict classes, draw CAM overlays and boxes for images",
+        description="Predict the top classes of each image, compute their class activation "
+        "maps in the same forward pass, box the largest component above the threshold, and "
+        "write an overlay per image.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="PATH", help="image files, folders (recursive), globs"
+    )
+    options.add_model(p)
+    p.add_argument("--out", default="gapcam-out", help="output folder (default: ./%(default)s)")
+    p.add_argument("--json", metavar="FILE", help="write results as JSON to FILE, or - for stdout")
+    p.add_argument(
+        "--save-cam",
+        action="store_true",
+        help="also write the raw (not normalised) maps at image size as .npy (k x H x W float32)",
+    )
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    p.add_argument(
+        "--top-k", type=options.positive, default=1, metavar="K", help="map the K best classes"
+    )
+    p.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="C",
+        help="map this class (index or name) instead; repeatable",
+    )
+    options.add_box(p)
+    options.add_views(p)
+    p.add_argument(
+        "--alpha", type=options.fraction, default=0.5, help="heatmap opacity (default: 0.5)"
+    )
+    p.add_argument("--cmap", default="jet", help="any matplotlib colormap (default: jet)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay format")
+    options.add_backend(p, "auto")
+    p.add_argument(
+        "--batch-size",
+        type=options.positive,
+        help="images per forward pass (default: 8, 16 on 16+ cores)",
+    )
+    p.add_argument(
+        "--workers",
+        type=options.count,
+        help="decoding and writing threads each (default: the core count, 2..16; 0: sequential)",
+    )
+    p.add_argument(
+        "--streams",
+        type=options.positive,
+        metavar="N",
+        help="forward passes run at once with the onnx backend, each on its share of the cores "
+        "(default: 2 on a multi-core machine; 1 with --workers 0)",
+    )
+    options.add_device(p)
+    options.add_precision(p)
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: run on a Ray cluster (gapcam[ray]; $RAY_ADDRESS or a local one), write "
+        "Parquet to --out",
+    )
+    p.add_argument("--limit", type=options.positive, metavar="N", help="only the first N images")
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="with --engine ray: ray://HOST:10001, auto, ..."
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=options.positive,
+        default=120_000_000,
+        help="refuse images with more pixels (decompression-bomb guard)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing outputs (never inputs)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.ray_address and args.engine != "ray":
+        raise GapcamError("--ray-address: only with --engine ray")
+    if "torch" not in sys.modules:  # idle OpenMP threads sleep: the writers need cores
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from gapcam.pipeline import tune_allocator
+
+    tune_allocator()
+    if args.engine == "ray":
+        return _run_ray(args)
+    return _run_local(args)
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from gapcam import batch, images
+    from gapcam.console import progress_bar
+    from gapcam.outputs import JsonStream, OutputGuard, check_folder
+    from gapcam.overlay import colormap_lut
+
+    # the output folder is skipped inside input folders: a second run never reads the first's
+    found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)])
+    found = found[: args.limit] if args.limit else found
+    human: TextIO = sys.stderr if args.json == "-" else sys.stdout
+    localizer = _localizer(args)
+    if args.classes:
+        localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
+    if not args.no_overlay:
+        try:
+            colormap_lut(args.cmap)
+        except ValueError as exc:
+            raise GapcamError(str(exc)) from exc
+    check_folder(Path(args.out))  # a file or a read-only folder stops the run before any work
+    guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
+    outputs = batch.Outputs(
+        Path(args.out),
+        overlay=not args.no_overlay,
+        fmt=args.format,
+        alpha=args.alpha,
+        cmap=args.cmap,
+        save_cam=args.save_cam,
+    )
+    sink: JsonStream | None = None
+    progress: Any = None
+    done = 0
+    failed = [(p.split(":", 1)[0], p) for p in problems]
+    try:
+        # results are streamed into --json as they finish; an existing FILE stops the run here
+        head = batch.run_head(localizer, args.weights, args.classes, args.top_k)
+        sink = JsonStream(args.json, head, guard) if args.json else None
+        for message in problems:
+            print(f"error: {message}", file=sys.stderr)
+        progress = progress_bar(len(found), quiet=args.quiet, after=PROGRESS_AFTER)
+
+        def on_result(result: Result, document: dict[str, Any]) -> None:
+            nonlocal done
+            progress.update(1)
+            done += 1
+            if sink is not None:
+                sink.add(document)
+            if not args.quiet:
+                print_result(result, document, human)
+
+        def on_error(name: str, message: str) -> None:
+            progress.update(1)
+            failed.append((name, message))
+            print(f"error: {message}", file=sys.stderr)
+
+        targets = batch.unique_targets([relative for _, relative in found])
+        batch.localize_files(
+            localizer,
+            list(zip(found, targets, strict=True)),
+            outputs,
+            guard,
+            on_result=on_result,
+            on_error=on_error,
+            classes=args.classes,
+            top_k=args.top_k,
+            predictions=max(5, args.top_k),
+            max_pixels=args.max_pixels,
+            workers=args.workers,
+            batch_size=args.batch_size,
+        )
+        if sink is not None:
+            sink.close([{"input": name, "error": message} for name, message in failed])
+    finally:
+        if sink is not None:
+            sink.abort()  # an interrupted run leaves no partial JSON behind
+        if progress is not None:
+            progress.close()
+    total = done + len(failed)
+    print(f"gapcam: {done} of {total} inputs done, {len(failed)} failed", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def _localizer(args: argparse.Namespace) -> Localizer:
+    from gapcam.localizer import Localizer
+
+    localizer = Localizer.from_options(options.localizer_options(args))
+    backend = localizer.backend_used[0]
+    if args.streams and backend != "onnx":
+        raise GapcamError(
+            f"--streams {args.streams}: only the onnx backend runs streams; this run uses "
+            f"{backend} (drop --streams, or use --backend onnx)"
+        )
+    return localizer
+
+
+def _run_ray(args: argparse.Namespace) -> int:
+    from gapcam import ray_engine
+
+    if args.streams:
+        raise GapcamError("--streams: not with --engine ray (each Ray actor runs one stream)")
+    settings = options.localizer_options(args)
+    settings["streams"] = 1
+    done, failed, out = ray_engine.run(
+        args.inputs,
+        Path(args.out),
+        settings,
+        ray_engine.ActorOutputs(
+            overlay=not args.no_overlay, fmt=args.format, alpha=args.alpha, cmap=args.cmap
+        ),
+        classes=args.classes,
+        top_k=args.top_k,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        address=args.ray_address,
+        actors=args.workers,
+        batch_size=args.batch_size,
+        quiet=args.quiet,
+        on_error=lambda message: print(f"error: {message}", file=sys.stderr),
+    )
+    print(
+        f"gapcam: {done} of {done + failed} inputs done, {failed} failed; "
+        f"Parquet in {out / 'parquet'}",
+        file=sys.stderr,
+    )
+    return 0 if not failed else 1
+
+
+def print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:
+    width, height = result.size
+    lines = [f"{result.name}  ({width}x{height})"]
+    lines += [f"  {p.probability:7.2%}  {p.name} [{p.index}]" for p in result.predictions[:5]]
+    for class_map in result.maps:
+        boxes = class_map.boxes
+        if not boxes:
+            lines.append(
+                f"  no box for {class_map.prediction.name}: the map is flat or below the threshold"
+            )
+            continue
+        first = boxes[0]
+        share = first.area / (width * height)
+        extra = f" (+{len(boxes) - 1} more)" if len(boxes) > 1 else ""
+        lines.append(
+            f"  box {class_map.prediction.name}: x0={first.x0} y0={first.y0} x1={first.x1} "
+            f"y1={first.y1} ({share:.0%} of the image){extra}"
+        )
+    lines += [f"  note: {note}" for note in result.notes]
+    for key in ("overlay", "cam_npy"):
+        if key in document:
+            lines.append(f"  {key.replace('_', ' ')}: {document[key]}")
+    print("\n".join(lines), file=out)

@@ -1,0 +1,204 @@
+"""Option groups shared by several commands, and the one translation of flags into keywords.
+
+Every front end that builds a ``Localizer`` (localize, evaluate, serve, the Ray actors) takes its
+keyword arguments from ``localizer_options``; ``train`` takes its backbone from
+``model_options``. The library speaks keywords (``precision='float16'``); ``flag_message``
+turns them back into the flags a user typed (``--precision float16``) in its error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+# Light imports only: building the parser must not import torch (``gapcam --help`` stays fast).
+from gapcam.types import (
+    BACKENDS,
+    BOX_NORMALIZATIONS,
+    DEFAULT_MODEL,
+    PRECISIONS,
+    PRESETS,
+    RESIZE_MODES,
+)
+
+#: concurrent forward passes of ``gapcam localize`` with the ONNX backend (docs/speed.md)
+DEFAULT_STREAMS = 2
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 or a positive integer")
+    return value
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--weights``, ``--checkpoint``."""
+    p.add_argument(
+        "--model", metavar="M", help=f"model name (default: {DEFAULT_MODEL}); see `gapcam models`"
+    )
+    p.add_argument(
+        "--weights", metavar="FILE", help="local state dict (.safetensors or .pth, weights only)"
+    )
+    p.add_argument("--checkpoint", metavar="RUN", help="a run folder made by `gapcam train`")
+
+
+def add_views(p: argparse.ArgumentParser) -> None:
+    """Gradient-free view options (measured in docs/evaluate.md)."""
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="measured view settings: cam (vanilla), fine (input 288), best (scales 1 and 1.5)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=positive,
+        metavar="N",
+        help="square network input side (a multiple of 32)",
+    )
+    p.add_argument("--hflip", action="store_true", help="average with the mirrored image's CAM")
+    p.add_argument(
+        "--scales", type=float, nargs="+", metavar="S", help="average CAMs over input sizes"
+    )
+
+
+def add_backend(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=default,
+        help="who runs the network: onnx (ONNX Runtime, needs gapcam[fast]), eager (PyTorch), "
+        "auto: onnx when available on the CPU, else eager (default: %(default)s)",
+    )
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="forward-pass precision (eager backend): bfloat16 for CPUs with native bfloat16 "
+        "and GPUs, float16 for GPUs; what each costs is measured in docs/speed.md "
+        "(default: %(default)s)",
+    )
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N, mps (default: where the model's weights are, the CPU for "
+        "built-in models)",
+    )
+
+
+def add_box(p: argparse.ArgumentParser) -> None:
+    """``--threshold``, ``--min-area``, ``--normalize``, ``--resize``."""
+    p.add_argument(
+        "--threshold",
+        type=fraction,
+        default=0.2,
+        help="box threshold on the normalised map (default: %(default)s, CAM paper)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=fraction,
+        default=0.01,
+        help="extra boxes for other components of at least this image fraction",
+    )
+    p.add_argument("--normalize", choices=BOX_NORMALIZATIONS, default="minmax")
+    p.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="stretch",
+        help="stretch the whole image to the input (default) or keep aspect and pad",
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``model``, ``weights``, ``checkpoint`` and ``device`` as the command line gave them."""
+    return {
+        "model": getattr(args, "model", None),
+        "weights": getattr(args, "weights", None),
+        "checkpoint": getattr(args, "checkpoint", None),
+        "device": getattr(args, "device", None),
+    }
+
+
+#: flags whose values pass to ``Localizer`` unchanged, when a command has them
+_LOCALIZER_FLAGS = (
+    "threshold",
+    "normalize",
+    "min_area",
+    "resize",
+    "max_pixels",
+    "backend",
+    "precision",
+    "input_size",
+    "hflip",
+)
+
+
+def localizer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The plain (picklable) settings a front end builds its Localizer from, with
+    ``build_localizer``: every Localizer flag the command has, and nothing it does not."""
+    from gapcam.localizer import view_options
+
+    options = model_options(args)
+    options |= {name: getattr(args, name) for name in _LOCALIZER_FLAGS if hasattr(args, name)}
+    for name in ("input_size", "hflip"):
+        options.pop(name, None)
+    options |= view_options(
+        getattr(args, "preset", None),
+        getattr(args, "input_size", None),
+        getattr(args, "hflip", False),
+        getattr(args, "scales", None),
+    )
+    if hasattr(args, "streams"):
+        options["streams"] = _streams(args)
+    return options
+
+
+def _streams(args: argparse.Namespace) -> int:
+    """``--streams``, else 2 on a multi-core machine for the pipeline (1 with ``--workers 0``,
+    the plain sequential loop)."""
+    if args.workers == 0:
+        return 1  # the sequential loop runs one stream, with all the cores
+    if args.streams:
+        return int(args.streams)
+    return 1 if (os.cpu_count() or 1) < 2 else DEFAULT_STREAMS
+
+
+#: a keyword as the library names it in a message: ``precision='float16'``, ``top_k=3``
+_KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('([^']*)'|\"([^\"]*)\"|([\w.+-]*))")
+
+
+def flag_message(message: str, flags: set[str]) -> str:
+    """``message`` with each ``keyword=value`` of a flag in ``flags`` (dest names) written as
+    the user typed it: ``--keyword-name value``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in flags:
+            return match.group(0)
+        value = next(g for g in match.groups()[2:] if g is not None)
+        value = "None" if value == "None" else value
+        return f"--{name.replace('_', '-')} {value}".rstrip()
+
+    return _KEYWORD.sub(flag, message)

@@ -1,0 +1,51 @@
+"""The human summary of an evaluation report: a few aligned lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:6.2f}%"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human summary of a report: a few aligned lines."""
+    data, settings, m = report["dataset"], report["settings"], report["metrics"]
+    size = "x".join(str(s) for s in settings["input_size"])
+    views = "".join(
+        [
+            " +hflip" if settings["hflip"] else "",
+            f" scales {settings['scales']}" if settings["scales"] != [1.0] else "",
+        ]
+    )
+    lines = [
+        f"{data['source']} ({data['layout']}): {data['images']} images, {data['boxes']} boxes; "
+        f"{settings['model']} at {size}{views}",
+        f"  classification      top-1 {_pct(m['top1_cls'])}   top-5 {_pct(m['top5_cls'])}",
+        f"  loc @{settings['threshold']:.2f}, IoU 0.5   GT-known {_pct(m['gt_known_loc'])}   "
+        f"top-1 {_pct(m['top1_loc'])}   top-5 {_pct(m['top5_loc'])}",
+    ]
+    if "max_box_acc" in m:
+        lines.append(
+            f"  MaxBoxAcc           {_pct(m['max_box_acc'])}   (largest component, IoU 0.5, "
+            f"best threshold {m['max_box_acc_threshold']:.2f})"
+        )
+    if "max_box_acc_v2" in m:
+        parts = ", ".join(
+            f"{iou}: {v['accuracy']:.2f}% @{v['threshold']:.2f}"
+            for iou, v in m["max_box_acc_v2_per_iou"].items()
+        )
+        lines.append(
+            f"  MaxBoxAccV2         {_pct(m['max_box_acc_v2'])}   (all components; {parts})"
+        )
+    lines.append(f"  PxAP                {_pct(m['pxap'])}")
+    timing = report["timing"]
+    lines.append(
+        f"  time {timing['seconds']:.1f} s ({timing['per_image'] * 1000:.0f} ms/image, of which "
+        f"scoring and threshold sweep {timing['scoring_seconds'] / data['images'] * 1000:.1f} ms)"
+    )
+    if data["skipped"]:
+        lines.append(f"  LEFT OUT (--skip-invalid), {len(data['skipped'])} problem(s):")
+        lines += [f"    {message}" for message in data["skipped"]]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""What gapcam knows about one image: predictions, class maps and boxes, and how to draw them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gapcam import cam, overlay
+from gapcam.types import ClassMap, Prediction, Settings
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything gapcam knows about one image."""
+
+    name: str
+    image: Image.Image
+    predictions: tuple[Prediction, ...]
+    maps: tuple[ClassMap, ...]
+    settings: Settings
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    path: Path | None = None
+    notes: tuple[str, ...] = ()
+    kept_maps: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
+    map_device: str = field(default="cpu", repr=False, compare=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    @property
+    def normalized(self) -> tuple[np.ndarray, ...]:
+        """The normalised maps at the original image size (H x W float32), one per map.
+
+        Kept from the forward pass for images up to ``KEEP_MAPS_PIXELS``; for larger ones they
+        are made again from ``low_res`` on first use (the same computation on the same device,
+        the same values), so a queue of results waiting to be written does not hold them.
+        """
+        if self.kept_maps is not None:
+            return self.kept_maps
+        low = torch.from_numpy(np.stack([m.low_res for m in self.maps]))[None]
+        width, height = self.size
+        maps = normalized_maps(low.to(self.map_device), (height, width), self.region, self.settings)
+        object.__setattr__(self, "kept_maps", maps)  # made once, then kept
+        return maps
+
+    @property
+    def top(self) -> Prediction:
+        return self.predictions[0]
+
+    def cam(self, index: int = 0) -> np.ndarray:
+        """The normalised map of ``maps[index]`` at the original image size (H x W float32)."""
+        return self.normalized[index]
+
+    def raw_cam(self, index: int = 0) -> np.ndarray:
+        """The raw (not normalised) map of ``maps[index]`` upsampled to the image (H x W)."""
+        low = torch.from_numpy(self.maps[index].low_res)[None, None]
+        width, height = self.size
+        return cam.upsample(low, (height, width), self.region)[0, 0].numpy()
+
+    def overlay(
+        self, index: int = 0, *, alpha: float = 0.5, cmap: str = "jet", boxes: bool = True
+    ) -> Image.Image:
+        """The CAM figure for ``maps[index]``: heatmap, box(es), caption."""
+        class_map = self.maps[index]
+        p = class_map.prediction
+        caption = f"{p.name}  {p.probability:.1%}"
+        return overlay.render(
+            self.image,
+            self.normalized[index],
+            class_map.boxes if boxes else (),
+            caption,
+            alpha,
+            cmap,
+        )
+
+    def figure(self, *, alpha: float = 0.5, cmap: str = "jet", boxes: bool = True) -> Image.Image:
+        """One panel per mapped class (a single overlay when there is one class)."""
+        panels = [
+            self.overlay(i, alpha=alpha, cmap=cmap, boxes=boxes) for i in range(len(self.maps))
+        ]
+        return panels[0] if len(panels) == 1 else overlay.grid(panels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (schema in docs/json.md)."""
+        width, height = self.size
+        return {
+            "input": self.name,
+            "width": width,
+            "height": height,
+            "predictions": [prediction_dict(p) for p in self.predictions],
+            "maps": [
+                {
+                    **prediction_dict(m.prediction),
+                    "boxes": [{"xyxy": b.as_list(), "area": b.area} for b in m.boxes],
+                    "raw_min": m.raw_min,
+                    "raw_max": m.raw_max,
+                    "feature_size": list(m.low_res.shape),
+                }
+                for m in self.maps
+            ],
+            "notes": list(self.notes),
+        }
+
+
+#: Results keep their full-size normalised maps up to this many pixels (4 bytes per pixel per
+#: map); larger images recompute them when drawn (see ``Result.normalized``).
+KEEP_MAPS_PIXELS = 1 << 21
+
+
+def normalized_maps(
+    low: torch.Tensor,
+    size: tuple[int, int],
+    region: tuple[float, float, float, float],
+    settings: Settings,
+) -> tuple[np.ndarray, ...]:
+    """1 x k x h x w maps -> k normalised H x W float32 arrays in original image coordinates."""
+    up = cam.normalize(cam.upsample(low, size, region), settings.normalize)[0]
+    return tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
+
+
+def prediction_dict(p: Prediction) -> dict[str, Any]:
+    return {"index": p.index, "name": p.name, "probability": p.probability, "logit": p.logit}

@@ -1,0 +1,113 @@
+"""The one translation of command-line flags into library keywords, and back for errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from gapcam import cli
+from gapcam.cli.options import flag_message, localizer_options
+from gapcam.errors import GapcamError, ModelError
+from gapcam.localizer import Localizer
+from gapcam.models import GapModel
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("precision='float16' needs a GPU", "--precision float16 needs a GPU"),
+        ("input_size=300: must be a multiple of 32", "--input-size 300: must be a multiple of 32"),
+        (
+            "checkpoint= and model=/weights=: give one",
+            "--checkpoint and --model/--weights: give one",
+        ),
+        ('device="cuda:1": only 1 CUDA device(s)', "--device cuda:1: only 1 CUDA device(s)"),
+        ("threshold=0.5 and top_k=3", "--threshold 0.5 and top_k=3"),  # not a flag: left alone
+        ("name=a.jpg, classes_per_image=...", "name=a.jpg, classes_per_image=..."),
+    ],
+)
+def test_library_keywords_become_the_flags_typed(message: str, expected: str) -> None:
+    flags = {"precision", "input_size", "checkpoint", "model", "weights", "device", "threshold"}
+    assert flag_message(message, flags) == expected
+
+
+def test_the_library_names_keywords_not_flags() -> None:
+    with pytest.raises(ModelError) as caught:
+        Localizer(precision="float16")
+    assert "--" not in str(caught.value)
+    assert str(caught.value).startswith("precision='float16' needs a GPU")
+
+
+def test_every_front_end_reads_the_same_localizer_flags() -> None:
+    """localize, evaluate and serve: the flags each has reach the Localizer, the rest do not."""
+    local = localizer_options(
+        parse("localize", "x", "--threshold", "0.3", "--preset", "fine", "--workers", "0")
+    )
+    assert local["threshold"] == 0.3
+    assert local["input_size"] == 288
+    assert local["streams"] == 1  # --workers 0: the sequential loop, one stream
+    evaluated = localizer_options(parse("evaluate", "d", "--hflip", "--precision", "bfloat16"))
+    assert evaluated["hflip"] is True
+    assert evaluated["precision"] == "bfloat16"
+    assert "normalize" not in evaluated  # evaluate has no --normalize: the library default
+    assert "streams" not in evaluated
+    served = localizer_options(parse("serve", "--backend", "onnx", "--scales", "1", "1.5"))
+    assert served["backend"] == "onnx"
+    assert served["scales"] == (1.0, 1.5)
+    assert set(localizer_options(parse("serve"))) <= {
+        "model",
+        "weights",
+        "checkpoint",
+        "device",
+        "backend",
+        "precision",
+        "max_pixels",
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--input-size", "300"],
+            "--input-size 300: must be a multiple of 32 (the feature grid's stride), e.g. 288",
+        ),
+        (["--ray-address", "auto"], "--ray-address: only with --engine ray"),
+        (["--backend", "eager", "--streams", "2"], "--streams 2: only the onnx backend runs"),
+        (["--precision", "float16"], "--precision float16 needs a GPU"),
+    ],
+)
+def test_what_a_user_types_is_used_or_refused_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["localize", str(EXAMPLES / "cat.png"), "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith(f"gapcam: error: {message}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_localizer_is_immutable_and_replace_makes_a_variant(tiny: GapModel) -> None:
+    import dataclasses
+
+    tiny_localizer = Localizer(tiny)
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny_localizer.threshold = 0.7  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tiny_localizer.backend = "onnx"  # type: ignore[misc]
+    variant = dataclasses.replace(tiny_localizer, threshold=0.7)
+    assert variant.threshold == 0.7
+    assert variant.gap_model is tiny_localizer.gap_model  # the model is not built again
+    assert tiny_localizer.threshold == 0.2
+    with pytest.raises(GapcamError, match=r"threshold=7\.0: must be between 0 and 1"):
+        dataclasses.replace(tiny_localizer, threshold=7.0)

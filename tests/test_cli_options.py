@@ -31,11 +31,13 @@ def parse(*argv: str) -> argparse.Namespace:
         ),
         ('device="cuda:1": only 1 CUDA device(s)', "--device cuda:1: only 1 CUDA device(s)"),
         ("threshold=0.5 and top_k=3", "--threshold 0.5 and top_k=3"),  # not a flag: left alone
+        ("exists; pass overwrite=True", "exists; pass --overwrite"),
         ("name=a.jpg, classes_per_image=...", "name=a.jpg, classes_per_image=..."),
     ],
 )
 def test_library_keywords_become_the_flags_typed(message: str, expected: str) -> None:
     flags = {"precision", "input_size", "checkpoint", "model", "weights", "device", "threshold"}
+    flags.add("overwrite")
     assert flag_message(message, flags) == expected
 
 

@@ -191,14 +191,18 @@ _KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('([^']*)'|\"([^\"]*)\"|([\
 
 def flag_message(message: str, flags: set[str]) -> str:
     """``message`` with each ``keyword=value`` of a flag in ``flags`` (dest names) written as
-    the user typed it: ``--keyword-name value``."""
+    the user typed it: ``--keyword-name value`` (``name=True``: the switch ``--name``).
+
+    The library's convention, which this relies on: a message names an argument as
+    ``keyword=repr(value)`` (``precision='float16'``, ``top_k=3``, ``overwrite=True``), or as
+    ``keyword=`` alone when no value is meant (``checkpoint= and model=``)."""
 
     def flag(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in flags:
             return match.group(0)
         value = next(g for g in match.groups()[2:] if g is not None)
-        value = "None" if value == "None" else value
+        value = "" if value == "True" else value  # overwrite=True: the switch --overwrite
         return f"--{name.replace('_', '-')} {value}".rstrip()
 
     return _KEYWORD.sub(flag, message)

@@ -109,8 +109,9 @@ def tune_allocator() -> bool:
     """Ask glibc malloc to keep freed memory instead of returning it to the OS.
 
     Large activations are freed and allocated again on every batch; by default glibc unmaps
-    them and the next batch page-faults them back in (measured: eager forward ~2x slower at
-    batch 8-32). Memory stays bounded by the pipeline's peak. Skipped unless on glibc, and
+    them and the next batch page-faults them back in (the cost is measured in docs/speed.md
+    and README's benchmark table: "forward eager, malloc kept"). Memory stays bounded by the
+    pipeline's peak. Skipped unless on glibc, and
     when the user set ``GLIBC_TUNABLES`` or ``GAPCAM_MALLOC=system``. True when applied.
     """
     if (

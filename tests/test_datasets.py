@@ -177,7 +177,7 @@ def test_wsol_malformed_entries_are_named_with_file_and_line(
     message = problems_of(wsol(tmp_path, localization, **files))
     assert f"{tmp_path / where}: " in message
     assert says in message
-    assert "--skip-invalid" in message
+    assert "skip_invalid=True" in message
 
 
 def test_wsol_unreadable_image(tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def test_nothing_left(tmp_path: Path) -> None:
 def test_missing_metadata_file_and_splits(tmp_path: Path) -> None:
     data = wsol(tmp_path / "test")
     assert load_dataset(tmp_path, resolve, split="test").samples[0].label == 0
-    with pytest.raises(DatasetError, match="splits test; pick one with --split"):
+    with pytest.raises(DatasetError, match="splits test; pick one with split="):
         load_dataset(tmp_path, resolve)
     (data / "localization.txt").unlink()
     with pytest.raises(DatasetError, match=r"missing localization\.txt"):
@@ -365,7 +365,7 @@ def test_voc_folder(tmp_path: Path) -> None:
     ]
     assert dataset.samples[0].path == tmp_path / "JPEGImages" / "001.jpg"
     assert [s.name for s in load_dataset(tmp_path, resolve, split="val").samples] == ["002"]
-    with pytest.raises(DatasetError, match="--split test"):
+    with pytest.raises(DatasetError, match="split='test'"):
         load_dataset(tmp_path, resolve, split="test")
 
 
@@ -439,5 +439,5 @@ def test_detect_layout(tmp_path: Path) -> None:
         detect_layout(write(tmp_path / "x.txt", "a"))
     with pytest.raises(DatasetError, match="no such file or folder"):
         load_dataset(tmp_path / "nowhere", resolve)
-    with pytest.raises(DatasetError, match="--layout yaml"):
+    with pytest.raises(DatasetError, match="layout='yaml'"):
         load_dataset(tmp_path / "w", resolve, layout="yaml")

@@ -23,7 +23,7 @@ def test_colorize_uses_the_lookup_table_ends() -> None:
 
 
 def test_unknown_colormap_names_the_option() -> None:
-    with pytest.raises(ValueError, match="--cmap nope: not a matplotlib colormap"):
+    with pytest.raises(ValueError, match="cmap='nope': not a matplotlib colormap"):
         overlay.colormap_lut("nope")
 
 

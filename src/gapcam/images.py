@@ -132,7 +132,7 @@ def _decode(stream: io.BytesIO, label: str, path: Path | None, max_pixels: int) 
             if width * height > max_pixels:
                 raise ImageError(
                     f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels "
-                    "(decompression-bomb guard); shrink the image or raise --max-pixels"
+                    "(decompression-bomb guard); shrink the image or raise max_pixels="
                 )
             notes: list[str] = []
             frames = getattr(image, "n_frames", 1)

@@ -22,7 +22,7 @@ def colormap_lut(name: str = "jet") -> np.ndarray:
         cmap = matplotlib.colormaps[name]
     except KeyError as exc:
         known = ", ".join(sorted(n for n in matplotlib.colormaps if not n.endswith("_r"))[:12])
-        raise ValueError(f"--cmap {name}: not a matplotlib colormap (e.g. {known}, ...)") from exc
+        raise ValueError(f"cmap={name!r}: not a matplotlib colormap (e.g. {known}, ...)") from exc
     table = cmap(np.linspace(0.0, 1.0, 256))[:, :3]
     return np.ascontiguousarray((table * 255.0).round().astype(np.uint8))
 
@@ -45,7 +45,7 @@ def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Ima
     """``(1 - alpha) * image + alpha * heat`` for an RGB image and an H x W x 3 uint8 heatmap
     (computed by Pillow in 8 bits: no full-size float copies of large photos)."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--alpha {alpha}: must be between 0 and 1")
+        raise ValueError(f"alpha={alpha}: must be between 0 and 1")
     return Image.blend(image, Image.fromarray(heat), alpha)
 
 

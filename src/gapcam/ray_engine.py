@@ -224,7 +224,7 @@ def run(
     except ImportError as exc:
         raise GapcamError("the Ray engine needs Ray Data: pip install 'gapcam[ray]'") from exc
     if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite or choose another --out")
+        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
     settings = check_checkpoint(localizer)  # a bad checkpoint fails here, before Ray starts
     paths, problems = list_sources(list(inputs))
     paths = paths[:limit] if limit else paths

@@ -9,6 +9,7 @@ from typing import Any
 
 from gapcam.cli import options
 from gapcam.errors import GapcamError
+from gapcam.types import DATASET_LAYOUTS
 
 EXAMPLES = """examples:
   gapcam evaluate "$GAPCAM_ILSVRC_DEV"      # the ILSVRC dev set (docs/evaluate.md)
@@ -32,7 +33,7 @@ def add(commands: Any) -> None:
         epilog=EXAMPLES,
     )
     p.add_argument("data", metavar="DATA", help="dataset folder or CSV file")
-    p.add_argument("--layout", choices=("auto", "wsol", "voc", "csv"), default="auto")
+    p.add_argument("--layout", choices=DATASET_LAYOUTS, default="auto")
     p.add_argument("--split", help="wsol split folder, VOC ImageSets/Main/SPLIT.txt, CLS-LOC/SPLIT")
     p.add_argument("--images", metavar="DIR", help="folder image paths are relative to")
     options.add_model(p)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from gapcam.cli import options
 from gapcam.errors import GapcamError
+from gapcam.types import OVERLAY_FORMATS
 
 if TYPE_CHECKING:
     from gapcam.localizer import Localizer
@@ -69,7 +70,7 @@ def add(commands: Any) -> None:
         "--alpha", type=options.fraction, default=0.5, help="heatmap opacity (default: 0.5)"
     )
     p.add_argument("--cmap", default="jet", help="any matplotlib colormap (default: jet)")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="overlay format")
+    p.add_argument("--format", choices=OVERLAY_FORMATS, default="png", help="overlay format")
     options.add_backend(p, "auto")
     p.add_argument(
         "--batch-size",

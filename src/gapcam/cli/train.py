@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gapcam.cli import options
-from gapcam.types import DEFAULT_MODEL
+from gapcam.types import DEFAULT_MODEL, FINETUNE_MODES, OPTIMIZERS
 
 EXAMPLES = """examples:
   gapcam synth shapes/ --classes 4 --per-class 60
@@ -44,7 +44,7 @@ def add(commands: Any) -> None:
     )
     p.add_argument(
         "--finetune",
-        choices=("none", "last-stage"),
+        choices=FINETUNE_MODES,
         help="none: head only, frozen backbone (default); last-stage: then also train the "
         "backbone's last stage, with augmentation (slower: every epoch runs the network)",
     )
@@ -61,7 +61,7 @@ def add(commands: Any) -> None:
         metavar="N",
         help="early stopping (default: 10)",
     )
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), help="default: adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adamw")
     p.add_argument("--lr", type=float, help="learning rate of the head (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, metavar="WD", help="default: 0.01")
     p.add_argument("--batch-size", type=options.positive, metavar="N", help="default: 32")

@@ -88,17 +88,17 @@ def read_metadata(run: Path) -> dict[str, Any]:
     path = Path(run) / METADATA
     if not path.is_file():
         raise ModelError(
-            f"--checkpoint {run}: no {METADATA} in it; give a folder made by `gapcam train`"
+            f"checkpoint={str(run)!r}: no {METADATA} in it; give a folder made by `gapcam train`"
         )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"--checkpoint {run}: {METADATA} is not valid JSON ({exc})") from exc
+        raise ModelError(f"checkpoint={str(run)!r}: {METADATA} is not valid JSON ({exc})") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ModelError(f"--checkpoint {run}: {METADATA} is not a {FORMAT} file")
+        raise ModelError(f"checkpoint={str(run)!r}: {METADATA} is not a {FORMAT} file")
     for key in ("backbone", "class_names"):
         if key not in document:
-            raise ModelError(f"--checkpoint {run}: {METADATA} has no {key!r}")
+            raise ModelError(f"checkpoint={str(run)!r}: {METADATA} has no {key!r}")
     return document
 
 
@@ -139,16 +139,16 @@ def _read_tensors(run: Path, expected_sha256: str | None) -> dict[str, torch.Ten
     try:
         data = (run / TENSORS).read_bytes()
     except OSError as exc:
-        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
+        raise ModelError(f"checkpoint={str(run)!r}: cannot read {TENSORS} ({exc})") from exc
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ModelError(
-            f"--checkpoint {run}: {TENSORS} does not match {METADATA} (sha256 differs); the "
+            f"checkpoint={str(run)!r}: {TENSORS} does not match {METADATA} (sha256 differs); the "
             "run folder was changed or only partly copied; train again or copy it in full"
         )
     try:
         return load(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"--checkpoint {run}: cannot read {TENSORS} ({exc})") from exc
+        raise ModelError(f"checkpoint={str(run)!r}: cannot read {TENSORS} ({exc})") from exc
 
 
 def _load_head(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Path) -> None:
@@ -163,7 +163,7 @@ def _load_head(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Path) 
         if tensor is None or tensor.shape != target.shape:
             found = None if tensor is None else tuple(tensor.shape)
             raise ModelError(
-                f"--checkpoint {run}: {key} is {found}, expected {tuple(target.shape)}; "
+                f"checkpoint={str(run)!r}: {key} is {found}, expected {tuple(target.shape)}; "
                 f"{TENSORS} does not match {METADATA}"
             )
         with torch.no_grad():
@@ -175,6 +175,6 @@ def _load_backbone(model: GapModel, tensors: Mapping[str, torch.Tensor], run: Pa
     for name, tensor in tensors.items():
         if name not in state or state[name].shape != tensor.shape:
             raise ModelError(
-                f"--checkpoint {run}: backbone tensor {name!r} does not fit the backbone"
+                f"checkpoint={str(run)!r}: backbone tensor {name!r} does not fit the backbone"
             )
     load_tensors(model.module, tensors)

@@ -24,7 +24,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"--weights {path}: no such file; give a .safetensors or .pth state dict")
+        raise ModelError(f"weights={str(path)!r}: no such file; give a .safetensors or .pth state dict")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -32,13 +32,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             loaded: object = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"--weights {path}: not a valid safetensors file ({exc})") from exc
+            raise ModelError(f"weights={str(path)!r}: not a valid safetensors file ({exc})") from exc
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ...
             raise ModelError(
-                f"--weights {path}: {_torch_load_problem(exc)}; save a plain state dict "
+                f"weights={str(path)!r}: {_torch_load_problem(exc)}; save a plain state dict "
                 "(torch.save(model.state_dict(), ...)) or safetensors"
             ) from exc
     return _unwrap(loaded, path)
@@ -71,11 +71,11 @@ def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
                 loaded = inner
                 break
     if not isinstance(loaded, Mapping) or not loaded:
-        raise ModelError(f"--weights {path}: holds no state dict (a mapping of names to tensors)")
+        raise ModelError(f"weights={str(path)!r}: holds no state dict (a mapping of names to tensors)")
     state = {}
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):
-            raise ModelError(f"--weights {path}: entry {key!r} is not a tensor")
+            raise ModelError(f"weights={str(path)!r}: entry {key!r} is not a tensor")
         state[key.removeprefix("module.")] = value
     return state
 
@@ -104,5 +104,5 @@ def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], label:
         detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
         raise ModelError(
             f"{label}: the weights do not fit this architecture ({detail[:300]}); "
-            "check that --model matches the network the weights were saved from"
+            "check that model= matches the network the weights were saved from"
         ) from exc

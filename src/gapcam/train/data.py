@@ -62,7 +62,7 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Data
         )
     source = train_dir if train_dir.is_dir() else root
     if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"--val-fraction {val_fraction}: must be between 0 and 1 (e.g. 0.2)")
+        raise DatasetError(f"val_fraction={val_fraction}: must be between 0 and 1 (e.g. 0.2)")
     classes = _class_folders(source)
     _check_classes(source, classes)
     train, val = _seeded_split(classes, val_fraction, seed, source)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gapcam.errors import TrainingError
-
-OPTIMIZERS = ("adamw", "sgd")
+from gapcam.types import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def make_optimizer(groups: list[dict[str, Any]], settings: Settings) -> torch.op
         return torch.optim.SGD(
             groups, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
         )
-    raise TrainingError(f"--optimizer {settings.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+    raise TrainingError(f"optimizer={settings.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -211,7 +211,7 @@ def generate(
 def _class_names(classes: int | Sequence[str]) -> tuple[str, ...]:
     if isinstance(classes, int):
         if not 2 <= classes <= len(SHAPES):
-            raise OutputError(f"--classes {classes}: give 2 to {len(SHAPES)} classes")
+            raise OutputError(f"classes={classes!r}: give 2 to {len(SHAPES)} classes")
         return SHAPES[:classes]
     names = tuple(classes)
     unknown = [n for n in names if n not in SHAPES]
@@ -231,11 +231,11 @@ def _check_target(root: Path, overwrite: bool) -> None:
     if not root.is_dir() or not any(root.iterdir()):
         return
     if not overwrite:
-        raise OutputError(f"{root}: folder is not empty; pass --overwrite or choose another folder")
+        raise OutputError(f"{root}: folder is not empty; pass overwrite=True or choose another folder")
     if not (root / "synth.json").is_file():
         raise OutputError(
             f"{root}: not a dataset made by `gapcam synth` (no synth.json); refusing to "
-            "delete its contents even with --overwrite; choose another folder"
+            "delete its contents even with overwrite=True; choose another folder"
         )
     for split in SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)

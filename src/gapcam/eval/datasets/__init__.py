@@ -31,8 +31,9 @@ from gapcam.eval.datasets.core import (
     Sample,
     validate,
 )
+from gapcam.types import DATASET_LAYOUTS
 
-LAYOUTS = ("auto", "wsol", "voc", "csv")
+LAYOUTS = DATASET_LAYOUTS
 
 __all__ = ["LAYOUTS", "Dataset", "Sample", "detect_layout", "load_dataset"]
 
@@ -58,7 +59,7 @@ def load_dataset(
     if not source.exists():
         raise DatasetError(f"{source}: no such file or folder; give a dataset folder or CSV file")
     if layout not in LAYOUTS:
-        raise DatasetError(f"--layout {layout}: use one of {', '.join(LAYOUTS)}")
+        raise DatasetError(f"layout={layout!r}: use one of {', '.join(LAYOUTS)}")
     chosen = detect_layout(source, split) if layout == "auto" else layout
     problems = Problems()
     entries, table = _read(source, chosen, split, Path(images) if images else None, problems)
@@ -115,7 +116,7 @@ def detect_layout(source: Path, split: str | None = None) -> str:
     if splits:
         raise DatasetError(
             f"{source}: wsolevaluation metadata for the splits {', '.join(splits)}; pick one "
-            "with --split"
+            "with split="
         )
     if (source / "Annotations").is_dir() or next(source.glob("*.xml"), None) is not None:
         return "voc"
@@ -124,7 +125,7 @@ def detect_layout(source: Path, split: str | None = None) -> str:
     raise DatasetError(
         f"{source}: not a known layout; expected wsolevaluation metadata (image_ids.txt, "
         "class_labels.txt, localization.txt), VOC/ImageNet XML (Annotations/ or *.xml files) "
-        "or one CSV file of path,label,x0,y0,x1,y1 rows; or pass --layout"
+        "or one CSV file of path,label,x0,y0,x1,y1 rows; or pass layout="
     )
 
 

@@ -100,7 +100,7 @@ class Problems:
         more = f"\n  ... and {extra} more" if extra > 0 else ""
         return (
             f"{source}: {len(self.messages)} problem(s) in the annotations, and no metric is "
-            "reported over silently dropped images. Fix them, or pass --skip-invalid to leave "
+            "reported over silently dropped images. Fix them, or pass skip_invalid=True to leave "
             f"the affected images out (the results then list them):\n  {listed}{more}"
         )
 

@@ -73,7 +73,7 @@ def read_voc(
         elif listing.is_file():
             wanted = {line.split()[0] for line in listing.read_text().splitlines() if line.strip()}
         else:
-            raise DatasetError(f"--split {split}: found neither {listing} nor CLS-LOC/{split}/")
+            raise DatasetError(f"split={split!r}: found neither {listing} nor CLS-LOC/{split}/")
     files = sorted(p for p in annotations.rglob("*.xml") if wanted is None or p.stem in wanted)
     if not files:
         raise DatasetError(f"{annotations}: no .xml annotation files")

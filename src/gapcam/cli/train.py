@@ -112,7 +112,8 @@ def add(commands: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``gapcam train``: exit 0, or 1 when unreadable images were skipped (the run is complete
     without them), 130 when interrupted (the run so far is saved: continue with --resume)."""
-    from gapcam.train.trainer import TrainConfig, run_training
+    from gapcam.train.config import TrainConfig
+    from gapcam.train.trainer import run_training
 
     model = options.model_options(args)
     del model["checkpoint"]  # a training run starts from a backbone, not from another run

@@ -5,11 +5,13 @@
 - ``loop``: the linear head's training loop (standardised features, early stopping)
 - ``finetune``: optionally, the backbone's last stage too, with augmentation
 - ``output``: the run folder (safetensors + JSON, plots, overlays), written atomically
-- ``trainer``: ``TrainConfig`` and ``run_training``, which drive the above
+- ``config``: ``TrainConfig``, what a run is asked to do, and the defaults
+- ``trainer``: ``run_training`` and ``train_classifier``, which drive the above
 - ``synthetic``: shapes on clutter with their true boxes (``gapcam synth``)
 """
 
+from gapcam.train.config import TrainConfig
 from gapcam.train.output import TrainReport
-from gapcam.train.trainer import TrainConfig, run_training, train_classifier
+from gapcam.train.trainer import run_training, train_classifier
 
 __all__ = ["TrainConfig", "TrainReport", "run_training", "train_classifier"]

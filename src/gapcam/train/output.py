@@ -22,6 +22,7 @@ from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import checkpoint_files, trained_tensors
 from gapcam.models.weights import load_tensors
 from gapcam.outputs import atomic_write, atomic_write_all, encode_image
+from gapcam.train.config import TrainConfig
 from gapcam.train.data import Dataset
 from gapcam.train.features import Extracted
 from gapcam.train.finetune import stage_names
@@ -48,7 +49,7 @@ class TrainReport:
 class RunData:
     """Everything the writer needs, gathered while training."""
 
-    config: Any  # gapcam.train.TrainConfig
+    config: TrainConfig
     settings: dict[str, Any]
     dataset: Dataset
     train: Extracted

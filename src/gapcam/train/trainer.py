@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,60 +25,13 @@ from gapcam.errors import ModelError, TrainingError
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import METADATA, read_metadata, replace_classifier
 from gapcam.train import loop as train_loop
+from gapcam.train.config import DEFAULTS, FINETUNE_EPOCHS, HEAD_EPOCHS, TrainConfig
 from gapcam.train.data import Dataset, discover
 from gapcam.train.features import Extracted, FeatureCache, model_key
 from gapcam.train.features import pooled_features as _pooled_features
 from gapcam.train.finetune import MODES, fit_last_stage, last_stage
 from gapcam.train.loop import LoopState, Standardizer
 from gapcam.train.output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
-from gapcam.types import DEFAULT_MODEL
-
-#: Settings that define a run: on ``resume`` they come from the run, and may not be changed.
-DEFAULTS: dict[str, Any] = {
-    "model": DEFAULT_MODEL,
-    "weights": None,
-    "finetune": "none",
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 1e-2,
-    "batch_size": 32,
-    "val_fraction": 0.2,
-    "seed": 0,
-}
-HEAD_EPOCHS, FINETUNE_EPOCHS = 100, 10
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What ``gapcam train`` was asked to do. ``None`` means the default (or, on ``resume``,
-    the run's own value); see ``DEFAULTS``."""
-
-    data: Path
-    out: Path
-    model: str | None = None
-    weights: str | None = None
-    finetune: str | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    batch_size: int | None = None
-    val_fraction: float | None = None
-    seed: int | None = None
-    epochs: int | None = None
-    patience: int = 10
-    cache_dir: Path | None = None
-    cache: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    overlays: int = 8
-    device: str | None = None
-    quiet: bool = False
-
-    def __post_init__(self) -> None:  # accept str paths from Python callers
-        for name in ("data", "out", "cache_dir"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
 
 
 def train_classifier(data: str | Path, out: str | Path, **options: Any) -> TrainReport:

@@ -26,6 +26,7 @@ from gapcam.outputs import OutputGuard, encode_image, encode_npy
 from gapcam.pipeline import batched, default_batch_size, default_workers, executor, ordered_map
 from gapcam.pipeline import outcome as pipeline_outcome
 from gapcam.result import Result
+from gapcam.schema import LOCALIZE_FORMAT
 
 #: (input file, its path relative to the argument it was found under)
 Job = tuple[Path, Path]
@@ -82,11 +83,11 @@ def run_head(
     classes: Sequence[int | str] | None,
     top_k: int,
 ) -> dict[str, Any]:
-    """The ``--json`` document before its ``results`` and ``errors`` (docs/json.md)."""
+    """The ``--json`` document before its ``results`` and ``errors`` (``gapcam.schema``)."""
     settings = localizer.settings()
     backend, note = localizer.backend_used
     return {
-        "schema": "gapcam.localize/1",
+        "schema": LOCALIZE_FORMAT,
         "gapcam_version": __version__,
         "settings": {
             "model": settings.model,
@@ -96,7 +97,7 @@ def run_head(
             "min_area": settings.min_area,
             "resize": settings.resize,
             "input_size": list(settings.input_size),
-            **settings.extras,  # view options (hflip, scales) when not the plain single pass
+            **settings.extras,  # hflip and scales, precision: only when not the default
             "classes": localizer.resolve_classes(classes) if classes else None,
             "top_k": None if classes else top_k,
             "backend": backend,

@@ -87,7 +87,7 @@ class Result:
         return panels[0] if len(panels) == 1 else overlay.grid(panels)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (schema in docs/json.md)."""
+        """JSON-ready dict: ``gapcam.schema.RESULT_FIELDS`` (docs/json.md)."""
         width, height = self.size
         return {
             "input": self.name,

@@ -179,6 +179,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
         def on_error(name: str, message: str) -> None:
             progress.update(1)
+            message = options.flag_message(message, args.flags)
             failed.append((name, message))
             print(f"error: {message}", file=sys.stderr)
 
@@ -244,7 +245,9 @@ def _run_ray(args: argparse.Namespace) -> int:
         actors=args.workers,
         batch_size=args.batch_size,
         quiet=args.quiet,
-        on_error=lambda message: print(f"error: {message}", file=sys.stderr),
+        on_error=lambda message: print(
+            f"error: {options.flag_message(message, args.flags)}", file=sys.stderr
+        ),
     )
     print(
         f"gapcam: {done} of {done + failed} inputs done, {failed} failed; "

@@ -48,14 +48,14 @@ def map_image(normalized: np.ndarray, size: tuple[int, int]) -> Image.Image:
 def build(
     result: Result, *, threshold: float, min_area: float, map_side: int, preview_side: int
 ) -> dict[str, Any]:
-    """The API answer for one result (see ``schemas.LocalizeBody``)."""
-    body = result.to_dict()
+    """The API answer for one result but its ``elapsed_ms`` (``schemas.LOCALIZE_ANSWER``)."""
+    entry = result.to_dict()
     width, height = result.size
     map_size = capped_size(width, height, map_side)
-    for entry, normalized in zip(body["maps"], result.normalized, strict=True):
+    for class_map, normalized in zip(entry["maps"], result.normalized, strict=True):
         boxes = boxes_from_map(normalized, threshold, min_area)
-        entry["boxes"] = [{"xyxy": b.as_list(), "area": b.area} for b in boxes]
-        entry["map_png"] = data_url(map_image(normalized, map_size))
+        class_map["boxes"] = [{"xyxy": b.as_list(), "area": b.area} for b in boxes]
+        class_map["map_png"] = data_url(map_image(normalized, map_size))
     preview = None
     if preview_side > 0:
         image = result.image
@@ -63,14 +63,18 @@ def build(
         if shown != (width, height):
             image = image.resize(shown, Image.Resampling.BILINEAR)
         preview = data_url(image, "JPEG")
-    settings = result.settings
-    body.update(
-        model=settings.model,
-        threshold=threshold,
-        min_area=min_area,
-        normalize=settings.normalize,
-        map_width=map_size[0],
-        map_height=map_size[1],
-        preview=preview,
-    )
-    return body
+    return {
+        "input": entry["input"],
+        "width": width,
+        "height": height,
+        "model": result.settings.model,
+        "threshold": threshold,
+        "min_area": min_area,
+        "normalize": result.settings.normalize,
+        "predictions": entry["predictions"],
+        "maps": entry["maps"],
+        "map_width": map_size[0],
+        "map_height": map_size[1],
+        "preview": preview,
+        "notes": entry["notes"],
+    }

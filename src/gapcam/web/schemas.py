@@ -1,8 +1,16 @@
-"""Pydantic models of the JSON API; they exist to document it in the OpenAPI schema."""
+"""Pydantic models of the JSON API; they exist to document it in the OpenAPI schema.
+
+The answer of ``POST /api/localize`` is described by ``gapcam.schema``, the JSON Schema of
+``gapcam localize --json``, extended with the web's own fields.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, RootModel, WithJsonSchema
+
+from gapcam.schema import BOX, MAP, RESULT_FIELDS, SETTINGS, array, extend, typed
 
 
 class ErrorBody(BaseModel):
@@ -11,50 +19,44 @@ class ErrorBody(BaseModel):
     error: str = Field(description="what went wrong and how to fix it")
 
 
-class BoxBody(BaseModel):
-    xyxy: list[float] = Field(
-        description="x0, y0, x1, y1 in original-image pixels, pixel-edge convention"
-    )
-    area: int = Field(description="pixels in the connected component the box encloses")
+#: The answer of ``POST /api/localize``: one result entry as ``gapcam localize --json`` writes it
+#: (``gapcam.schema``, without file paths), with boxes at the requested threshold, each map as a
+#: PNG, and the settings the boxes were drawn with.
+LOCALIZE_ANSWER = extend(
+    RESULT_FIELDS,
+    required={
+        "input": typed("string", "the uploaded file's name, echoed (never used as a path)"),
+        **{
+            key: SETTINGS["properties"][key]
+            for key in ("model", "threshold", "min_area", "normalize")
+        },
+        "maps": array(
+            extend(
+                MAP,
+                required={
+                    "boxes": array(BOX, "at the requested threshold, largest component first"),
+                    "map_png": typed(
+                        "string",
+                        "the normalised map as an 8-bit grayscale PNG data URL of map_width x "
+                        "map_height pixels (value / 255 = normalised activation)",
+                    ),
+                },
+            ),
+            "one CAM per predicted class, same order",
+        ),
+        "map_width": typed("integer", minimum=1),
+        "map_height": typed("integer", minimum=1),
+        "preview": typed(
+            ["string", "null"], "the decoded image as a JPEG data URL, when `preview` > 0"
+        ),
+        "elapsed_ms": typed("number", "time to decode, explain and encode", minimum=0),
+    },
+    description="the top classes of one image, each one's CAM and boxes",
+)
 
 
-class PredictionBody(BaseModel):
-    index: int
-    name: str
-    probability: float
-    logit: float
-
-
-class MapBody(PredictionBody):
-    boxes: list[BoxBody] = Field(
-        description="boxes at the requested threshold, largest component first"
-    )
-    raw_min: float
-    raw_max: float
-    feature_size: list[int] = Field(description="h, w of the raw map at feature resolution")
-    map_png: str = Field(
-        description="the normalised map as an 8-bit grayscale PNG data URL of "
-        "map_width x map_height pixels (value / 255 = normalised activation)"
-    )
-
-
-class LocalizeBody(BaseModel):
-    input: str = Field(description="the uploaded file's name, echoed (never used as a path)")
-    width: int
-    height: int
-    model: str
-    threshold: float
-    min_area: float
-    normalize: str
-    predictions: list[PredictionBody]
-    maps: list[MapBody] = Field(description="one CAM per predicted class, same order")
-    map_width: int
-    map_height: int
-    preview: str | None = Field(
-        None, description="the decoded image as a JPEG data URL, when `preview` > 0"
-    )
-    notes: list[str]
-    elapsed_ms: float
+class LocalizeBody(RootModel[Annotated[dict[str, Any], WithJsonSchema(LOCALIZE_ANSWER)]]):
+    """``LOCALIZE_ANSWER`` in the OpenAPI schema; the answer's dict is sent as it is."""
 
 
 class ExampleBody(BaseModel):

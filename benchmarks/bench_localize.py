@@ -4,7 +4,8 @@
     python benchmarks/bench_localize.py --models resnet50 --limit 60
     python benchmarks/bench_localize.py --profile             # + where the CLI's time goes
 
-For each model, on the same N images of the ILSVRC dev set (../shared/data/ilsvrc-val-dev):
+For each model, on the same N images of the ILSVRC dev set (``--data DIR``, by default the
+folder named by $GAPCAM_ILSVRC_DEV; docs/evaluate.md says how to build it):
 
 - ``forward``: the module alone (eval, ``torch.inference_mode``) on the already preprocessed
   batches: the floor any CAM tool pays;
@@ -44,8 +45,6 @@ import torch
 from gapcam import cli, images
 from gapcam.localizer import Localizer
 from gapcam.models import GapModel, build_model
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ilsvrc-val-dev"
 
 #: profile stages: label -> (module file suffix, function name); cumulative times
 STAGES = (
@@ -87,10 +86,30 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=300, help="images (default: all 300)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for every path")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per path; best is kept")
-    p.add_argument("--data", type=Path, default=DATA, help="ilsvrc-val-dev folder")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
+        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="cProfile one extra CLI run")
     return p.parse_args(argv)
+
+
+def dev_set(data: Path | None) -> Path:
+    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
+    if data is None:
+        raise SystemExit(
+            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
+            "--data DIR (docs/evaluate.md says how to build the set)"
+        )
+    if not (data / "image_ids.txt").is_file():
+        raise SystemExit(
+            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
+            "folder (docs/evaluate.md says how to build it)"
+        )
+    return data
 
 
 def image_paths(data: Path, limit: int) -> list[Path]:
@@ -241,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = image_paths(args.data, args.limit)
+    paths = image_paths(dev_set(args.data), args.limit)
     print(machine())
     rows: list[Row] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -3,9 +3,10 @@
     python benchmarks/bench_speed.py                        # Lite0 + ResNet-50, 300 images
     python benchmarks/bench_speed.py --models efficientnet_lite0 --limit 100 --repeat 0
 
-Every row runs in its own fresh process (so each peak RSS is its own) on the same images of
-../shared/data/ilsvrc-val-dev, batch ``--batch``, after a warm-up batch; model building and
-ONNX export are outside the timed part. Rows, per model:
+Every row runs in its own fresh process (so each peak RSS is its own) on the same images of the
+ILSVRC dev set (``--data DIR``, by default the folder named by $GAPCAM_ILSVRC_DEV;
+docs/evaluate.md says how to build it), batch ``--batch``, after a warm-up batch; model
+building and ONNX export are outside the timed part. Rows, per model:
 
 - ``forward eager`` / ``forward eager, malloc kept``: the module alone on preprocessed tensors
   (glibc default vs ``gapcam.pipeline.tune_allocator``); ``forward onnx``: ONNX Runtime, one
@@ -42,7 +43,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ilsvrc-val-dev"
 ROWS = (
     "forward eager",
     "forward eager, malloc kept",
@@ -60,7 +60,12 @@ ROWS = (
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
-    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
+        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
+    )
     p.add_argument("--limit", type=int, default=300, help="images (default: all 300)")
     p.add_argument("--resnet-limit", type=int, default=100, help="images for resnet50")
     p.add_argument("--batch", type=int, default=8)
@@ -253,6 +258,21 @@ def measure(
         return json.loads(lines[-1])
 
 
+def dev_set(data: Path | None) -> Path:
+    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
+    if data is None:
+        raise SystemExit(
+            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
+            "--data DIR (docs/evaluate.md says how to build the set)"
+        )
+    if not (data / "image_ids.txt").is_file():
+        raise SystemExit(
+            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
+            "folder (docs/evaluate.md says how to build it)"
+        )
+    return data
+
+
 def subset(data: Path, limit: int, folder: Path, repeat: int = 1) -> list[Path]:
     """``limit`` images of ``data`` linked (or copied) into ``folder``, ``repeat`` times over."""
     sources = sorted((data / "images").iterdir())[:limit]
@@ -320,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row, name, listing, tmp = args.child
         child(row, name, Path(listing), Path(tmp), args.batch, args.repeats)
         return 0
+    data = dev_set(args.data)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -327,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.limit if name == "efficientnet_lite0" else min(args.limit, args.resnet_limit)
             )
             folder = Path(tmp) / f"{name}-{limit}"
-            paths = subset(args.data, limit, folder)
+            paths = subset(data, limit, folder)
             for row in ROWS:
                 if args.rows and not any(part in row for part in args.rows):
                     continue
@@ -343,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.repeat > 1:
             name = args.models[0]
             folder = Path(tmp) / "repeated"
-            paths = subset(args.data, args.limit, folder, args.repeat)
+            paths = subset(data, args.limit, folder, args.repeat)
             print(f"... {name}: files->json x{args.repeat}", file=sys.stderr, flush=True)
             r = measure("gapcam files->json", name, folder, paths, args.batch, 1)
             results.append((name, f"gapcam files->json ({args.repeat}x the images)", len(paths), r))

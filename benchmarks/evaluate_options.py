@@ -1,6 +1,9 @@
 """Localization quality and cost of gapcam's gradient-free view options on the ILSVRC dev set.
 
-    python benchmarks/evaluate_options.py [--data ../shared/data/ilsvrc-val-dev] [--threads 1]
+    python benchmarks/evaluate_options.py [--data DIR] [--threads 1]
+
+``--data``: the ILSVRC dev set folder, by default the one named by $GAPCAM_ILSVRC_DEV
+(docs/evaluate.md says how to build it).
 
 Prints one markdown row per option: MaxBoxAccV2 (and per IoU), MaxBoxAcc, GT-known and top-1
 loc at 0.2, top-1 classification, and the cost per image (process CPU time, forward passes
@@ -11,6 +14,7 @@ that CPU time is a stable measure on a shared machine.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,16 +46,35 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def dev_set(data: Path | None) -> Path:
+    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
+    if data is None:
+        raise SystemExit(
+            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
+            "--data DIR (docs/evaluate.md says how to build the set)"
+        )
+    if not (data / "image_ids.txt").is_file():
+        raise SystemExit(
+            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
+            "folder (docs/evaluate.md says how to build it)"
+        )
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = Path(__file__).resolve().parents[1]
-    parser.add_argument("--data", default=str(here / ".." / "shared" / "data" / "ilsvrc-val-dev"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
+        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="substrings of the option names to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("efficientnet_lite0")
-    dataset = load_dataset(args.data, label_resolver(model))
+    dataset = load_dataset(dev_set(args.data), label_resolver(model))
     print(
         "| option | MaxBoxAccV2 | IoU .3/.5/.7 | MaxBoxAcc (thr) | GT-known@.2 | top-1 loc | "
         "top-1 cls | CPU s/img | x vanilla |\n|---|---|---|---|---|---|---|---|---|"

@@ -1,10 +1,12 @@
-"""Shared fixtures: the embedded model (built once), tiny seeded GAP networks, test images.
+"""Shared fixtures: the embedded model (built once), tiny seeded GAP networks, test images,
+and the ILSVRC dev set (``ilsvrc_dev``: the folder named by $GAPCAM_ILSVRC_DEV).
 
 Everything here is offline and deterministic: random tensors come from seeded generators.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from gapcam.types import Preprocess
 
 # the example photos ship inside the package (examples/ at the repository root links here)
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "gapcam" / "web" / "examples"
+
+#: The one setting for the ILSVRC dev set (docs/evaluate.md, "The ILSVRC dev set").
+DEV_SET_VARIABLE = "GAPCAM_ILSVRC_DEV"
 
 # The test machines are small and shared: one intra-op thread is faster and steadier than
 # several threads fighting for two cores (measured 10x on a busy 2-core box).
@@ -204,3 +209,28 @@ def cat_path() -> Path:
 @pytest.fixture
 def coffee_path() -> Path:
     return EXAMPLES / "coffee.jpg"
+
+
+@pytest.fixture(scope="session")
+def ilsvrc_dev() -> Path:
+    """The ILSVRC dev set folder, from $GAPCAM_ILSVRC_DEV (docs/evaluate.md says how to build it).
+
+    Unset: the test is skipped, or fails where the ``CI`` environment variable is set (CI must
+    run the dev-set gate). Set to a folder without the dev set's ``image_ids.txt``: it fails.
+    """
+    value = os.environ.get(DEV_SET_VARIABLE, "")
+    if not value:
+        reason = (
+            f"{DEV_SET_VARIABLE} is not set: point it at the ILSVRC dev set folder "
+            "(docs/evaluate.md says how to build it)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the dev-set gate")
+        pytest.skip(reason)
+    folder = Path(value)
+    if not (folder / "image_ids.txt").is_file():
+        pytest.fail(
+            f"{DEV_SET_VARIABLE}={value}: no image_ids.txt there; point it at the ILSVRC dev set "
+            "folder (docs/evaluate.md says how to build it)"
+        )
+    return folder

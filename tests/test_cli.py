@@ -7,6 +7,7 @@ names the file and the reason, never a traceback) and the final summary line.
 
 Loading torch costs a few seconds per process, so the expensive runs are module fixtures shared
 by several tests: one mixed batch of good and bad inputs, one run whose --out is its input folder.
+The tests that use them are marked ``slow``; ``--help`` and the argument errors (no torch) are not.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ def result_for(batch: Batch, name: str) -> dict:
     return matches[0]
 
 
+@pytest.mark.slow
 def test_mixed_batch_exit_code_and_summary(batch: Batch) -> None:
     assert batch.run.code == 1, batch.run.err
     assert_no_traceback(batch.run)
@@ -239,6 +241,7 @@ def test_mixed_batch_exit_code_and_summary(batch: Batch) -> None:
     assert batch.run.summary() == (good, good + failed, failed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [
@@ -266,6 +269,7 @@ def test_bad_input_one_line_and_json_error(batch: Batch, name: str) -> None:
     assert not (batch.out / f"{name.rsplit('.', 1)[0]}.cam.npy").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argument", "reason"),
     [("in/empty", "folder holds no image files"), ("in/*.nomatch", "pattern matched no files")],
@@ -277,10 +281,12 @@ def test_empty_folder_and_unmatched_glob(batch: Batch, argument: str, reason: st
     assert error in batch.document["errors"]
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_without_overwrite(batch: Batch) -> None:
     assert batch.kept_after_run == b"an earlier output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["gray.png", "rgba.png", "palette.png", "cmyk.jpg", "deep16.png", "anim.gif"]
 )
@@ -308,6 +314,7 @@ def test_unusual_modes_work(batch: Batch, name: str) -> None:
     assert f"in/{name}  (64x48)" in batch.run.out
 
 
+@pytest.mark.slow
 def test_exif_rotated_jpeg_in_rotated_coordinates(batch: Batch) -> None:
     result = result_for(batch, "rotated.jpg")
     assert (result["width"], result["height"]) == (48, 64)  # stored 64x48, displayed 48x64
@@ -321,12 +328,14 @@ def test_exif_rotated_jpeg_in_rotated_coordinates(batch: Batch) -> None:
         assert figure.width == 3 * round(48 * display_scale((48, 64))) + 2 * GRID_GAP
 
 
+@pytest.mark.slow
 def test_multi_frame_gif_noted_once(batch: Batch) -> None:
     assert result_for(batch, "anim.gif")["notes"] == [GIF_NOTE]
     assert batch.run.out.count(GIF_NOTE) == 1
     assert GIF_NOTE not in batch.run.err
 
 
+@pytest.mark.slow
 def test_same_stem_in_two_folders_gets_two_outputs(batch: Batch) -> None:
     first, second = result_for(batch, "a/same.png"), result_for(batch, "b/same.png")
     assert {first["overlay"], second["overlay"]} == {"out/same.cam.png", "out/same-2.cam.png"}
@@ -335,6 +344,7 @@ def test_same_stem_in_two_folders_gets_two_outputs(batch: Batch) -> None:
     assert not np.array_equal(a, b)  # different pictures, so really two different outputs
 
 
+@pytest.mark.slow
 def test_json_document_of_the_batch(batch: Batch) -> None:
     document = batch.document
     assert document["schema"] == "gapcam.localize/1"
@@ -359,6 +369,7 @@ def rerun(cli, batch: Batch) -> Run:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_existing_output_replaced_with_overwrite(rerun: Run, batch: Batch) -> None:
     assert rerun.code == 0, rerun.err
     assert rerun.err_lines == ["gapcam: 1 of 1 inputs done, 0 failed"]
@@ -366,6 +377,7 @@ def test_existing_output_replaced_with_overwrite(rerun: Run, batch: Batch) -> No
         assert figure.width == 2 * round(64 * display_scale((64, 48))) + GRID_GAP
 
 
+@pytest.mark.slow
 def test_class_by_name_and_index(rerun: Run) -> None:
     (result,) = json.loads(rerun.out)["results"]
     assert [(m["index"], m["name"]) for m in result["maps"]] == [
@@ -394,6 +406,7 @@ def same_folder(cli, tmp_path_factory: pytest.TempPathFactory) -> SameFolder:
     return SameFolder(run, folder, protected)
 
 
+@pytest.mark.slow
 def test_output_never_overwrites_an_input(same_folder: SameFolder) -> None:
     run = same_folder.run
     assert run.code == 1
@@ -407,6 +420,7 @@ def test_output_never_overwrites_an_input(same_folder: SameFolder) -> None:
         assert figure.width == round(64 * display_scale((64, 48)))  # one panel
 
 
+@pytest.mark.slow
 def test_json_to_stdout_is_the_only_stdout(same_folder: SameFolder) -> None:
     run = same_folder.run
     document = json.loads(run.out)  # the whole of stdout is one JSON document
@@ -479,21 +493,25 @@ def background(cli, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backgr
         yield Background(folder, runs, marker, module)
 
 
+@pytest.mark.slow
 def test_unknown_class_stops_before_any_work(background: Background) -> None:
     run = background["nonsense"]
     assert_usage_error(run, "class 'nonsense'", "not a class of efficientnet_lite0")
     assert run.err_lines[0].startswith("gapcam: error: ")
 
 
+@pytest.mark.slow
 def test_vgg16_refused_with_the_reason(background: Background) -> None:
     assert_usage_error(background["vgg16"], "vgg16", "flattens", "dense layers")
 
 
+@pytest.mark.slow
 def test_resnet50_without_weights_offline_is_one_line(background: Background) -> None:
     run = background["resnet50"]
     assert_usage_error(run, "resnet50", "cannot download", "--weights FILE")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
@@ -507,12 +525,14 @@ def test_bad_weights_refused(background: Background, name: str, reason: str) -> 
     assert not background.marker.exists(), "the weights file was unpickled"
 
 
+@pytest.mark.slow
 def test_refused_runs_write_nothing(background: Background) -> None:
     for key in ("nonsense", "vgg16", "resnet50", "evil.pth", "text.pth"):
         background[key]
     assert not (background.folder / "out").exists()
 
 
+@pytest.mark.slow
 def test_safetensors_weights_end_to_end_match_the_module(background: Background) -> None:
     import torchvision
 
@@ -567,6 +587,7 @@ def test_bad_arguments_exit_2(cli, args: tuple[str, ...], fragment: str) -> None
     assert fragment in run.err_lines[-1]
 
 
+@pytest.mark.slow
 def test_models_lists_the_embedded_model_offline(background: Background) -> None:
     run = background["models"]
     assert run.code == 0, run.err
@@ -575,6 +596,7 @@ def test_models_lists_the_embedded_model_offline(background: Background) -> None
     assert rows["resnet50"][1:3] == ["torchvision", "no"]  # nothing cached in this TORCH_HOME
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "share", "cam"), [("vgg16", 89.4, "no"), ("resnet50", 8.0, "yes")]
 )
@@ -587,6 +609,7 @@ def test_summary_head_share(background: Background, model: str, share: float, ca
     assert f"class activation maps: {cam}" in run.out
 
 
+@pytest.mark.slow
 def test_classes_grep(background: Background) -> None:
     run = background["classes"]
     assert run.code == 0, run.err

@@ -21,6 +21,8 @@ from gapcam.ray_engine import list_sources
 ray = pytest.importorskip("ray")  # gapcam[ray] is part of the test extra
 pq = pytest.importorskip("pyarrow.parquet")
 
+pytestmark = pytest.mark.slow  # a local Ray instance: seconds to start, seconds per run
+
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
@@ -65,7 +67,6 @@ def test_sources_are_manifests_folders_globs_and_uris(source: Path) -> None:
     assert problems == [f"{folder / '*.gif'}: pattern matched no files"]
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
 def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"

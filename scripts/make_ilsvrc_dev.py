@@ -3,7 +3,10 @@
 
     python scripts/make_ilsvrc_dev.py --images ILSVRC2012_img_val \\
         --metadata wsolevaluation/metadata/ILSVRC/test --out ~/data/ilsvrc-val-dev \\
-        [--synsets LOC_synset_mapping.txt] [--count 300] [--size 227] [--seed 0]
+        [--synsets LOC_synset_mapping.txt] [--count 300 --seed 0 | --ids FILE] [--size 227]
+
+    # the very 300 images of the reference figures and the CI gate (docs/evaluate.md):
+    python scripts/make_ilsvrc_dev.py ... --ids scripts/ilsvrc_dev_ids.txt
 
 Inputs:
 
@@ -17,7 +20,8 @@ Inputs:
   line per class, sorted), for the WordNet ids of ``class_names.txt``.
 
 It picks ``--count`` of the annotated images found in ``--images``, at random but the same for
-the same ``--seed``, and writes into ``--out`` (which must not exist) the wsolevaluation layout
+the same ``--seed`` (or exactly the file names listed in ``--ids``, one a line: the repository's
+``scripts/ilsvrc_dev_ids.txt`` lists those of the reference set), and writes into ``--out`` (which must not exist) the wsolevaluation layout
 that ``gapcam evaluate`` reads:
 
 - ``images/ILSVRC2012_val_XXXXXXXX.JPEG``: resized to ``--size`` x ``--size`` with Pillow's
@@ -83,6 +87,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=300, help="images to pick (default: 300)")
     p.add_argument("--size", type=int, default=227, help="side in pixels (default: 227; 0: keep)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pick (default: 0)")
+    p.add_argument(
+        "--ids",
+        type=Path,
+        help="pick exactly these images (file names, one a line) instead of --count/--seed",
+    )
     return p.parse_args(argv)
 
 
@@ -177,6 +186,28 @@ def pick(sources: dict[str, Source], images: Path, count: int, seed: int) -> lis
     return [sources[name] for name in sorted(random.Random(seed).sample(present, count))]
 
 
+def listed(sources: dict[str, Source], images: Path, ids: Path) -> list[Source]:
+    """The images named in ``ids`` (file names, one a line; blank lines skipped), in file-name
+    order; each must be annotated and present."""
+    try:
+        names = [line.strip() for line in ids.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"{ids}: cannot read the list of image ids ({exc})") from exc
+    chosen: list[str] = []
+    for number, name in enumerate(names, 1):
+        if not name:
+            continue
+        name = Path(name).name
+        if name not in sources:
+            raise BuildError(f"{ids}:{number}: {name!r} has no annotation in the metadata")
+        if not (images / name).is_file():
+            raise BuildError(f"{ids}:{number}: {name} is not in {images}")
+        chosen.append(name)
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise BuildError(f"{ids}: list at least one image, each once")
+    return [sources[name] for name in sorted(chosen)]
+
+
 def coordinate(value: float, scaled: bool) -> str:
     if scaled:
         return f"{value:.1f}"
@@ -237,10 +268,11 @@ def write_class_names(folder: Path, wordnet_ids: list[str]) -> None:
 
 def write_readme(folder: Path, args: argparse.Namespace, boxes: int) -> None:
     shape = f"prescaled to {args.size}x{args.size}" if args.size else "at their original size"
+    how = f"as listed in {args.ids.name}" if args.ids is not None else f"with seed {args.seed}"
     (folder / "README.md").write_text(
         f"# ILSVRC dev set\n\n"
         f"{args.count} images of the ILSVRC-2012 (ImageNet) validation set ({boxes} boxes), "
-        f"{shape}, picked with seed {args.seed} by gapcam's scripts/make_ilsvrc_dev.py from "
+        f"{shape}, picked {how} by gapcam's scripts/make_ilsvrc_dev.py from "
         f"the validation images and clovaai/wsolevaluation's metadata/ILSVRC/test, in the "
         f"wsolevaluation metadata layout.\n\n"
         f"ImageNet images are for non-commercial research and evaluation: do not commit them "
@@ -268,7 +300,11 @@ def build(args: argparse.Namespace) -> str:
         raise BuildError(f"{args.images}: no such folder; --images is the validation images")
     sources = read_metadata(args.metadata)
     wordnet_ids = read_synsets(args.synsets) if args.synsets else None
-    picked = pick(sources, args.images, args.count, args.seed)
+    if args.ids is not None:
+        picked = listed(sources, args.images, args.ids)
+        args.count = len(picked)
+    else:
+        picked = pick(sources, args.images, args.count, args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -290,7 +326,8 @@ def build(args: argparse.Namespace) -> str:
             "; class_names.txt left out (pass --synsets LOC_synset_mapping.txt for its WordNet ids)"
         )
     )
-    return f"{out}: {len(picked)} images, {boxes} boxes (seed {args.seed}){names}"
+    how = f"listed in {args.ids}" if args.ids is not None else f"seed {args.seed}"
+    return f"{out}: {len(picked)} images, {boxes} boxes ({how}){names}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ validation images and wsolevaluation metadata for them. The set it writes must b
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -256,3 +257,29 @@ def test_bad_metadata_and_sizes_are_named_by_file_and_line(
     assert make(script, (images, broken), tmp_path / "c", "--count", "1") == 2
     assert f"{broken / 'image_sizes.txt'}:1: 'sixty' is not a number" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata"]
+
+
+def test_ids_pick_exactly_the_listed_images(
+    script: ModuleType,
+    source: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    wanted = tmp_path / "ids.txt"
+    wanted.write_text(f"val/{name(4)}\n\n{name(1)}\n")  # a path or a bare name, any order
+    assert make(script, source, tmp_path / "dev", "--ids", str(wanted), "--size", "32") == 0
+    assert "2 images" in capsys.readouterr().out
+    ids = (tmp_path / "dev" / "image_ids.txt").read_text().split()
+    assert ids == [f"images/{name(1)}", f"images/{name(4)}"]
+    wanted.write_text(f"{name(MISSING)}\n")
+    assert make(script, source, tmp_path / "again", "--ids", str(wanted)) == 2
+    assert f"ids.txt:1: {name(MISSING)} is not in" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_shipped_ids_are_the_reference_sets_names() -> None:
+    """scripts/ilsvrc_dev_ids.txt lists 300 distinct validation image names (no images)."""
+    shipped = (SCRIPT.parent / "ilsvrc_dev_ids.txt").read_text().split("\n")
+    names = [line for line in shipped if line]
+    assert len(names) == len(set(names)) == 300
+    assert all(re.fullmatch(r"ILSVRC2012_val_\d{8}\.JPEG", n) for n in names)

@@ -5,8 +5,9 @@
 Generates the data with ``gapcam.train.synthetic`` (seeded), trains with ``gapcam.train`` (frozen
 backbone, cached features), then on the validation split prints classification accuracy and,
 with the CAM of the true class (GT-known), box accuracy at the default threshold 0.2 and
-MaxBoxAcc (best threshold in 0.00..0.99, largest 8-connected component, IoU >= 0.5), against
-a centred-box baseline (a box centred in the image with the mean true box's width and height).
+MaxBoxAcc (best threshold in 0.00..0.99, largest 8-connected component, IoU >= 0.5; scored by
+``gapcam.eval.metrics``, as ``gapcam evaluate`` scores them), against a centred-box baseline (a
+box centred in the image with the mean true box's width and height).
 """
 
 from __future__ import annotations
@@ -20,22 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from gapcam import Localizer, load_checkpoint, train_classifier
-from gapcam.boxes import box_iou, boxes_from_map
+from gapcam.eval.metrics import THRESHOLDS, BoxAccuracy, component_boxes, inclusive_iou, sweep_ious
 from gapcam.train.synthetic import CSV_NAME, generate
-
-THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.01), 2)
 
 
 def read_boxes(split: Path) -> list[tuple[Path, str, tuple[int, int, int, int]]]:
+    """The split's ``boxes.csv``: inclusive pixel boxes (x1, y1 the last column and row), the
+    convention of ``gapcam evaluate`` (``gapcam.eval.metrics``), kept as they are."""
     with (split / CSV_NAME).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    # the CSV is inclusive (last column/row); gapcam.boxes uses pixel edges: x1, y1 + 1
     return [
-        (
-            split / r["path"],
-            r["label"],
-            (int(r["x0"]), int(r["y0"]), int(r["x1"]) + 1, int(r["y1"]) + 1),
-        )
+        (split / r["path"], r["label"], (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])))
         for r in rows
     ]
 
@@ -46,33 +42,32 @@ def centred_baseline(rows: list[tuple[Path, str, tuple[int, int, int, int]]]) ->
     from PIL import Image
 
     truths = np.array([box for _, _, box in rows], dtype=np.float64)
-    width, height = (truths[:, 2:] - truths[:, :2]).mean(axis=0)
+    width, height = (truths[:, 2:] - truths[:, :2] + 1).mean(axis=0)  # inclusive: + 1 pixel
     image_w, image_h = Image.open(rows[0][0]).size
-    centred = [(image_w - width) / 2, (image_h - height) / 2]
-    centred += [centred[0] + width, centred[1] + height]
-    return float((box_iou(np.array([centred]), truths)[0] >= 0.5).mean())
+    left, top = (image_w - width) / 2, (image_h - height) / 2
+    centred = [left, top, left + width - 1, top + height - 1]
+    return float((inclusive_iou([centred], truths)[0] >= 0.5).mean())
 
 
 def localization(run: Path, split: Path) -> dict[str, float]:
-    """Accuracy, box accuracy @0.2, MaxBoxAcc (GT-known) and the centred baseline on ``split``."""
+    """Accuracy, box accuracy @0.2, MaxBoxAcc (GT-known) and the centred baseline on ``split``,
+    scored as ``gapcam evaluate`` scores them."""
     rows = read_boxes(split)
     localizer = Localizer(model=load_checkpoint(run))
-    hits = np.zeros(len(THRESHOLDS))
+    boxes = BoxAccuracy(iou_thresholds=(0.5,))
     correct = 0
     for path, label, truth in rows:
         result = localizer(path, classes=[label])  # the CAM of the true class
         correct += result.predictions[0].name == label
-        for t, threshold in enumerate(THRESHOLDS):
-            boxes = boxes_from_map(result.cam(0), float(threshold))
-            if boxes and box_iou(np.array([boxes[0].as_list()]), np.array([truth]))[0, 0] >= 0.5:
-                hits[t] += 1
-    best = int(np.argmax(hits))
+        boxes.add(*sweep_ious(component_boxes(result.cam(0)), [truth]))
+    summary = boxes.summary()
+    largest = boxes.curves()["largest"][0] / 100  # box accuracy per threshold, IoU 0.5
     return {
         "images": len(rows),
         "accuracy": correct / len(rows),
-        "box_accuracy_at_0.2": hits[20] / len(rows),
-        "max_box_acc": hits[best] / len(rows),
-        "best_threshold": float(THRESHOLDS[best]),
+        "box_accuracy_at_0.2": float(largest[list(THRESHOLDS).index(0.2)]),
+        "max_box_acc": summary["max_box_acc"] / 100,
+        "best_threshold": summary["max_box_acc_threshold"],
         "centred_baseline": centred_baseline(rows),
     }
 

@@ -7,6 +7,7 @@ normalised CAMs within 1e-3 and raw low-res CAMs within 1e-3 x their scale; feat
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ import torch
 from conftest import EXAMPLES, tiny_gap_model
 
 import gapcam
-from gapcam import backends
+from gapcam import backends, outputs
 from gapcam.boxes import box_iou
-from gapcam.errors import ModelError
+from gapcam.errors import ModelError, OutputError
 from gapcam.models import GapModel, inference_state
 
 
@@ -91,6 +92,40 @@ def test_exports_are_cached_by_weights_and_size(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_failing_cache_write_is_one_line_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(stream: object, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_fill", full)
+    backend = backends.OnnxBackend(tiny_gap_model(), tmp_path)
+    with pytest.raises(OutputError) as info:
+        backend.features(torch.zeros(1, 3, 32, 32))
+    assert str(info.value) == f"{backend.path((32, 32))}: cannot write (No space left on device)"
+    assert [p.name for p in tmp_path.rglob("*")] == ["onnx"]
+
+
+def test_the_export_key_hashes_every_tensor_and_the_feature_key_only_the_backbone() -> None:
+    """One digest of the weights (``weights_digest``) keys both caches: the ONNX export over
+    every tensor of the module, the feature cache without the classifier (a new head keeps
+    the pooled features) and with the preprocessing."""
+    from gapcam.train.features import model_key
+
+    model = tiny_gap_model()
+    export, features = backends.weights_digest(model, backends.DIGEST_KIND), model_key(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    assert backends.weights_digest(model, backends.DIGEST_KIND) != export
+    assert model_key(model) == features
+    with torch.no_grad():
+        next(model.module.parameters()).add_(1.0)
+    changed = model_key(model)
+    assert changed != features
+    model.preprocess = model.preprocess.replace(size=(48, 48))
+    assert model_key(model) != changed
+
+
 def test_a_corrupt_cache_entry_is_removed_with_a_one_line_error(tmp_path: Path) -> None:
     model = tiny_gap_model()
     backend = backends.OnnxBackend(model, tmp_path)
@@ -138,7 +173,6 @@ def test_onnx_needs_a_float32_cpu_model(tmp_path: Path) -> None:
     assert backends.make_backend(model, "auto", root=tmp_path).name == "eager"
 
 
-@pytest.mark.slow
 def test_onnx_localizer_matches_eager_on_the_embedded_model(
     embedded_model: GapModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,7 +252,6 @@ def test_auto_runs_bfloat16_on_eager_and_says_so(tiny: GapModel) -> None:
         assert backend.features(x).dtype == torch.float32  # CAMs are computed in float32
 
 
-@pytest.mark.slow
 def test_bfloat16_stays_within_the_stated_tolerance(
     embedded_model: GapModel, localizer: gapcam.Localizer
 ) -> None:

@@ -142,6 +142,23 @@ def test_box_iou_touching_edges_do_not_overlap() -> None:
     assert box_iou([[0, 0, 2, 2]], [[2, 0, 4, 2]]).tolist() == [[0.0]]
 
 
+def test_box_iou_of_inclusive_boxes_is_the_same_overlap_one_pixel_longer() -> None:
+    """The two pixel conventions measure the same pixels: pixel-edge boxes and the same boxes
+    written inclusively (x1, y1 one less) give identical IoUs, bit for bit."""
+    rng = np.random.default_rng(0)
+    corners = rng.integers(0, 40, (2, 12, 2))
+    edges = np.concatenate(
+        [corners.min(axis=2, keepdims=True), corners.max(axis=2, keepdims=True)], axis=2
+    )
+    a = np.stack([edges[0, :6, 0], edges[1, :6, 0], edges[0, :6, 1], edges[1, :6, 1]], axis=1)
+    b = np.stack([edges[0, 6:, 0], edges[1, 6:, 0], edges[0, 6:, 1], edges[1, 6:, 1]], axis=1)
+    inclusive_a, inclusive_b = a - [0, 0, 1, 1], b - [0, 0, 1, 1]
+    same = box_iou(inclusive_a, inclusive_b, inclusive=True)
+    assert same.tobytes() == box_iou(a, b).tobytes()
+    assert box_iou([[3, 3, 3, 3]], [[3, 3, 3, 3]], inclusive=True).tolist() == [[1.0]]
+    assert box_iou([[3, 3, 3, 3]], [[3, 3, 3, 3]]).tolist() == [[0.0]]  # an empty edge box
+
+
 def test_box_iou_empty_input() -> None:
     assert box_iou(np.zeros((0, 4)), np.array([[0, 0, 1, 1]])).shape == (0, 1)
     assert box_iou(np.array([[0, 0, 1, 1]]), []).shape == (1, 0)

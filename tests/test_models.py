@@ -8,6 +8,7 @@ with ``class_maps``. Then the refusals, and the rules on hooks and model state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,122 @@ def test_unknown_model_lists_suggestions() -> None:
 def test_unknown_timm_model() -> None:
     with pytest.raises(ModelError, match="timm:no_such_net_xyz"):
         build_model("timm:no_such_net_xyz", "random")
+
+
+# -- timm's pretrained weights: the Hugging Face hub's own settings decide what is offline -----
+
+
+@pytest.fixture
+def no_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty Hugging Face cache, no offline or proxy settings, and a fresh hub client (it
+    reads the proxy settings when it is made)."""
+    from huggingface_hub import close_session, constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    close_session()
+    yield tmp_path
+    close_session()
+
+
+@pytest.mark.parametrize("setting", ["HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=true"])
+def test_timm_weights_offline_by_the_hubs_setting_fail_at_once(
+    no_hub_cache: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    from gapcam.models import timm_models
+
+    name, value = setting.split("=")
+    monkeypatch.setenv(name, value)
+
+    def no_request(hub_id: str) -> str:
+        raise AssertionError(f"asked the hub for {hub_id} although {setting}")
+
+    monkeypatch.setattr(timm_models, "_first_request", no_request)
+    with pytest.raises(ModelError) as offline:
+        build_model("timm:resnet18")
+    assert str(offline.value) == (
+        f"timm:resnet18: its pretrained weights are not cached and {setting} keeps the Hugging "
+        "Face hub offline; download them once without it, or pass weights=FILE, or use "
+        "efficientnet_lite0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, None),
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE=1"),
+        ({"HF_HUB_OFFLINE": "ON", "TRANSFORMERS_OFFLINE": "0"}, "HF_HUB_OFFLINE=ON"),
+        ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE=yes"),
+        ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, None),  # the first one set counts
+        ({"HTTPS_PROXY": "http://proxy.example:3128"}, None),
+    ],
+)
+def test_offline_setting_reads_the_environment_as_huggingface_hub_does(
+    no_hub_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    environment: dict[str, str],
+    expected: str | None,
+) -> None:
+    from gapcam.models import timm_models
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert timm_models.offline_setting() == expected
+
+
+def test_timm_weights_are_fetched_through_the_proxy_of_the_environment(
+    no_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No direct connection decides that the hub is offline: the request goes to the proxy
+    (which here refuses it), and its answer is the one-line error."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    server = socket.create_server(("127.0.0.1", 0))
+    requests: list[str] = []
+
+    def proxy() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed at the end of the test
+                return
+            with connection:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                requests.append(received.decode("latin-1").split("\r\n")[0])
+                connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=proxy, daemon=True).start()
+    address = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, address)
+    try:
+        with pytest.raises(ModelError) as unreachable:
+            build_model("timm:resnet18")
+    finally:
+        server.close()
+    host = urlsplit(constants.ENDPOINT).hostname
+    assert requests
+    assert all(r.startswith(f"CONNECT {host}:443 ") for r in requests), requests
+    message = str(unreachable.value)
+    assert message.startswith(
+        "timm:resnet18: its pretrained weights are not cached and the Hugging Face hub cannot "
+        "be reached ("
+    )
+    assert message.endswith("); connect once, or pass weights=FILE, or use efficientnet_lite0")
+    assert "\n" not in message
 
 
 class DenseHeadNet(nn.Module):

@@ -112,7 +112,6 @@ def _localize(tmp_path: Path, name: str, *options: str) -> tuple[dict, dict[str,
     return document, files
 
 
-@pytest.mark.slow
 def test_threaded_localize_equals_the_sequential_loop(tmp_path: Path) -> None:
     plain, plain_files = _localize(tmp_path, "plain", "--workers", "0", "--batch-size", "2")
     fast, fast_files = _localize(tmp_path, "fast", "--workers", "3", "--batch-size", "2")
@@ -123,7 +122,6 @@ def test_threaded_localize_equals_the_sequential_loop(tmp_path: Path) -> None:
     assert plain["settings"]["backend"] == "eager"
 
 
-@pytest.mark.slow
 def test_auto_backend_is_reported_and_agrees_with_eager(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,7 +136,6 @@ def test_auto_backend_is_reported_and_agrees_with_eager(
     assert list((tmp_path / "cache" / "onnx").glob("efficientnet_lite0-*.onnx"))
 
 
-@pytest.mark.slow
 def test_two_onnx_streams_equal_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
     options = ("--no-overlay", "--backend", "onnx", "--batch-size", "1")
@@ -186,8 +183,9 @@ def test_precision_is_checked_and_recorded(
 ) -> None:
     cat = str(EXAMPLES / "cat.png")
     assert cli.main(["localize", cat, "--out", str(tmp_path / "a"), "--precision", "float16"]) == 2
-    assert "error: --precision float16 needs a GPU (--device cuda or --device mps); on a CPU use bfloat16" in (
-        capsys.readouterr().err
+    assert (
+        "error: --precision float16 needs a GPU (--device cuda or --device mps); on a CPU use bfloat16"
+        in (capsys.readouterr().err)
     )
     report = tmp_path / "b.json"
     argv = ["localize", cat, "--out", str(tmp_path / "b"), "--json", str(report), "--no-overlay"]

@@ -29,9 +29,9 @@ from PIL import Image
 
 import gapcam
 from gapcam import images, outputs
-from gapcam.boxes import box_iou, boxes_from_map
 from gapcam.cli import main
 from gapcam.errors import TrainingError
+from gapcam.eval import metrics
 from gapcam.models.base import inference_state
 from gapcam.models.weights import load_tensors
 from gapcam.train import trainer as train
@@ -189,6 +189,7 @@ def test_checkpoint_loads_without_unpickling(
     assert not [p for p in trained.run.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
 
 
+@pytest.mark.slow
 def test_localize_cli_with_the_checkpoint_prints_the_users_classes(
     trained: Trained, tmp_path: Path
 ) -> None:
@@ -231,32 +232,27 @@ def test_python_api_localizes_with_the_checkpoint(trained: Trained) -> None:
 def box_accuracies(run: Path, split: Path) -> tuple[float, float, float]:
     """(classification accuracy, MaxBoxAcc, centred baseline) on ``split`` against boxes.csv.
 
-    MaxBoxAcc: the CAM of the true class, min-max normalised, boxed at thresholds 0.00..0.99
-    (largest 8-connected component); the share of images with IoU >= 0.5 at the best one. The
-    baseline: one box of the mean true width and height, centred in the image.
+    MaxBoxAcc as ``gapcam evaluate`` scores it (``gapcam.eval.metrics``): the CAM of the true
+    class, min-max normalised, boxed at thresholds 0.00..0.99 (largest 8-connected component);
+    the share of images with IoU >= 0.5 at the best one. The baseline: one box of the mean true
+    width and height, centred in the image. The CSV's boxes are inclusive, as metrics' are.
     """
     with (split / CSV_NAME).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     truths = np.array([[int(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in rows], float)
-    truths[:, 2:] += 1  # the CSV is inclusive; gapcam.boxes uses pixel edges
     localizer = gapcam.Localizer(gapcam.load_checkpoint(run))
-    thresholds = np.arange(0.0, 1.0, 0.01)
-    hits = np.zeros(len(thresholds))
+    boxes = metrics.BoxAccuracy(iou_thresholds=(0.5,))
     correct = 0
     for row, truth in zip(rows, truths, strict=True):
         result = localizer(split / row["path"], classes=[row["label"]])  # the true class's CAM
         correct += result.predictions[0].name == row["label"]
-        for t, threshold in enumerate(thresholds):
-            boxes = boxes_from_map(result.cam(0), float(threshold))
-            if boxes and box_iou(np.array([boxes[0].as_list()]), truth[None])[0, 0] >= 0.5:
-                hits[t] += 1
+        boxes.add(*metrics.sweep_ious(metrics.component_boxes(result.cam(0)), truth[None]))
     side = 128.0
-    width, height = (truths[:, 2:] - truths[:, :2]).mean(axis=0)
-    centred = np.array(
-        [[(side - width) / 2, (side - height) / 2, (side + width) / 2, (side + height) / 2]]
-    )
-    baseline = float((box_iou(centred, truths)[0] >= 0.5).mean())
-    return correct / len(rows), float(hits.max() / len(rows)), baseline
+    width, height = (truths[:, 2:] - truths[:, :2] + 1).mean(axis=0)
+    left, top = (side - width) / 2, (side - height) / 2
+    centred = np.array([[left, top, left + width - 1, top + height - 1]])
+    baseline = float((metrics.inclusive_iou(centred, truths)[0] >= 0.5).mean())
+    return correct / len(rows), boxes.summary()["max_box_acc"] / 100, baseline
 
 
 def test_quality_on_synthetic_shapes(trained: Trained) -> None:
@@ -641,6 +637,31 @@ def test_full_disk_keeps_the_previous_run_intact(
     assert gapcam.load_checkpoint(out).num_classes == 3
 
 
+def test_full_disk_disables_the_feature_cache_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gapcam.train.features import FeatureCache
+
+    cache = FeatureCache(tmp_path, "k" * 64, 3)
+    kept, lost = "ab" + "0" * 62, "cd" + "1" * 62
+    vector = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    cache.put(kept, vector)
+    monkeypatch.setattr(outputs, "_fill", _fill_half_then_fail)
+    cache.put(lost, vector)
+    assert not cache.enabled
+    assert cache.notes == [f"feature cache {cache.folder} disabled: No space left on device"]
+    files = [p.relative_to(cache.folder).as_posix() for p in cache.folder.rglob("*")]
+    assert sorted(files) == ["ab", f"ab/{kept}.npy", "cd"]  # no temp file next to the entries
+    np.save(tmp_path / "plain.npy", vector, allow_pickle=False)  # the format np.save writes
+    assert (cache.folder / "ab" / f"{kept}.npy").read_bytes() == (
+        tmp_path / "plain.npy"
+    ).read_bytes()
+    monkeypatch.undo()
+    cache.enabled = True
+    assert np.array_equal(cache.get(kept), vector)
+    assert cache.get(lost) is None
+
+
 def test_tensors_that_do_not_match_the_json_are_refused(trained: Trained, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained.run, run)
@@ -684,16 +705,39 @@ def test_finetune_last_stage_round_trip(
     assert all(p.requires_grad for p in report.model.module.parameters())  # flags restored
 
 
-# each torchvision family that trains a linear head: its last stage, what follows it is frozen
-TV_STAGES = {
-    "resnet18": ("layer4.",),
-    "densenet121": ("features.denseblock4.", "features.norm5."),
-    "mobilenet_v2": ("features.17.", "features.18."),
-    "efficientnet_b0": ("features.7.", "features.8."),
-    "mnasnet0_5": ("layers.13.", "layers.14.", "layers.15.", "layers.16."),
-    "regnet_y_400mf": ("trunk_output.block4.",),
-    "shufflenet_v2_x0_5": ("stage4.", "conv5."),
-}
+# one small model of each torchvision family that trains a linear head
+TV_MODELS = (
+    "densenet121",
+    "efficientnet_b0",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "regnet_y_400mf",
+    "resnet18",
+    "shufflenet_v2_x0_5",
+)
+
+
+def test_every_torchvision_family_with_a_linear_head_is_fine_tuned_here() -> None:
+    from gapcam.models import tv
+
+    tested = {tv.family_of(name) for name in TV_MODELS}
+    assert None not in tested
+    assert len(tested) == len(TV_MODELS)  # one model per family
+    assert all(family in tested for family in tv.FAMILIES.values() if family.head == "linear")
+
+
+def assert_is_the_last_stage(model: gapcam.GapModel, trainable: set[str]) -> None:
+    """What the adapter names is the backbone's last stage, checked without its table: the
+    parameters from its first one up to the classifier (in the module's order, which is the
+    forward order of these networks), so nothing after it stays frozen; a group of blocks
+    (several convolutions) but under half of the backbone's convolutions."""
+    head = {id(p) for p in model.classifier.parameters()}
+    backbone = [k for k, p in model.module.named_parameters() if id(p) not in head]
+    first = min(backbone.index(k) for k in trainable)
+    assert set(backbone[first:]) == trainable
+    convolutions = [k for k, m in model.module.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    trained = [k for k in convolutions if f"{k}.weight" in trainable]
+    assert 1 < len(trained) < len(convolutions) / 2
 
 
 def _calibrate_batchnorm(module: torch.nn.Module) -> None:
@@ -709,10 +753,11 @@ def _calibrate_batchnorm(module: torch.nn.Module) -> None:
     module.eval()
 
 
-@pytest.mark.parametrize("name", sorted(TV_STAGES))
+@pytest.mark.parametrize("name", TV_MODELS)
 def test_finetune_last_stage_of_each_torchvision_family(name: str, tmp_path: Path) -> None:
-    """The named stage is the one trained: one real step (augmented 64 px images, the
-    fine-tuning optimiser) moves all of it and nothing else, not even a BatchNorm buffer."""
+    """The named stage is the last stage, and the one trained: one real step (augmented 64 px
+    images, the fine-tuning optimiser) moves all of it and nothing else, not even a BatchNorm
+    buffer."""
     from gapcam.train import finetune
     from gapcam.train.loop import Settings, make_optimizer, new_head
 
@@ -720,8 +765,7 @@ def test_finetune_last_stage_of_each_torchvision_family(name: str, tmp_path: Pat
     model = gapcam.build_model(name, "random")
     assert model.head == "linear"
     model.preprocess = dataclasses.replace(model.preprocess, size=(64, 64))
-    prefixes = TV_STAGES[name]
-    assert last_stage(model.module) == list(prefixes)
+    prefixes = tuple(last_stage(model.module))
     _calibrate_batchnorm(model.module)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     items = []
@@ -741,6 +785,7 @@ def test_finetune_last_stage_of_each_torchvision_family(name: str, tmp_path: Pat
         named = dict(model.module.named_parameters())
         trainable = {k for k, v in named.items() if v.requires_grad}
         assert trainable == {k for k in named if k.startswith(prefixes)}
+        assert_is_the_last_stage(model, trainable)
         assert 0 < len(trainable) < len(named)
         assert {id(p) for p in parameters} == {id(named[k]) for k in trainable}
         groups = [{"params": parameters}, {"params": list(head.parameters())}]

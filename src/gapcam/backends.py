@@ -14,8 +14,9 @@ backend snapshots the *backbone* when it is first used; the tests hold it to eag
 
 Exported models are cached (atomic writes; deleting the folder is always safe)::
 
-    CACHE/onnx/<key>.onnx    key = sha256(model name, every backbone tensor, input size,
-                                          gapcam, torch and opset versions)
+    CACHE/onnx/<model>-<key>.onnx    key = sha256(model name, every tensor of the module
+                                     (``models.base.weights_digest``), input size, gapcam,
+                                     torch, onnxruntime and opset versions)
 
 ``CACHE`` is ``$GAPCAM_CACHE_DIR``, else ``$XDG_CACHE_HOME/gapcam``, else ``~/.cache/gapcam``.
 """
@@ -25,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -38,10 +37,14 @@ from torch import nn
 from gapcam._version import __version__
 from gapcam.cache import cache_dir
 from gapcam.errors import ModelError
-from gapcam.models.base import GapModel, inference_state
+from gapcam.models.base import GapModel, inference_state, weights_digest
+from gapcam.outputs import atomic_write
 from gapcam.types import BACKENDS, PRECISIONS
 
 OPSET = 17
+
+#: the first line of the weights digest in the cache key (``models.base.weights_digest``)
+DIGEST_KIND = "gapcam.onnx/1"
 
 #: ORT's intra-op threads busy-wait between runs when "1"
 SPINNING = "0"
@@ -129,7 +132,7 @@ class OnnxBackend:
         self.root = root or cache_dir()
         self.threads = threads or torch.get_num_threads()
         self.note = ""
-        self._digest = backbone_digest(model)
+        self._digest = weights_digest(model, DIGEST_KIND)
         self._sessions: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
 
@@ -167,7 +170,7 @@ class OnnxBackend:
 
         path = self.path(size)
         if not path.is_file():
-            _write_atomic(path, export_features(self.model, size))
+            atomic_write(path, export_features(self.model, size), overwrite=True)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -179,16 +182,6 @@ class OnnxBackend:
         except Exception as exc:  # a corrupt cache entry: drop it, the next run re-exports
             path.unlink(missing_ok=True)
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({exc}); removed") from exc
-
-
-def backbone_digest(model: GapModel) -> str:
-    """sha256 over the model's name and every tensor of its module (names, dtypes, values)."""
-    digest = hashlib.sha256(f"gapcam.onnx/1\n{model.name}\n".encode())
-    for name, tensor in sorted(model.module.state_dict(keep_vars=True).items()):
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def export_features(model: GapModel, size: tuple[int, int]) -> bytes:
@@ -234,17 +227,6 @@ def _check_export(name: str, data: bytes, probe: torch.Tensor, expected: torch.T
             f"{name}: the ONNX export differs from eager (max error {error:.2g}); "
             "use backend='eager'"
         )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
 
 
 def check_device(device: str | torch.device) -> torch.device:

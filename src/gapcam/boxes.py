@@ -60,19 +60,27 @@ def boxes_from_mask(mask: np.ndarray, min_area: float = 0.0) -> tuple[Box, ...]:
     )
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray, *, inclusive: bool = False) -> np.ndarray:
     """IoU of every box in ``a`` (N x 4) with every box in ``b`` (M x 4): N x M.
 
-    Pixel-edge xyxy boxes; empty input gives an empty matrix; zero-area pairs give 0.
+    Pixel-edge xyxy boxes; with ``inclusive=True``, inclusive pixel boxes (``x1``, ``y1`` the
+    last column and row: one pixel longer each way, so ``(3, 3, 3, 3)`` is one pixel; the
+    convention of wsolevaluation, ``gapcam.eval.metrics``). Empty input gives an empty matrix;
+    zero-area pairs give 0.
     """
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    area_a = _side(a[:, 2] - a[:, 0], inclusive) * _side(a[:, 3] - a[:, 1], inclusive)
+    area_b = _side(b[:, 2] - b[:, 0], inclusive) * _side(b[:, 3] - b[:, 1], inclusive)
     left = np.maximum(a[:, None, 0], b[None, :, 0])
     top = np.maximum(a[:, None, 1], b[None, :, 1])
     right = np.minimum(a[:, None, 2], b[None, :, 2])
     bottom = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    inter = _side(right - left, inclusive) * _side(bottom - top, inclusive)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _side(difference: np.ndarray, inclusive: bool) -> np.ndarray:
+    """A side's length from ``end - start``: one more pixel for inclusive boxes; never < 0."""
+    return np.clip(difference + 1 if inclusive else difference, 0, None)

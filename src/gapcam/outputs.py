@@ -5,6 +5,7 @@ Inputs are never overwritten; existing outputs only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -44,7 +45,9 @@ class OutputGuard:
         if target.exists() and _identity(target) in self.protected:
             raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")
         if target.exists() and not self.overwrite:
-            raise OutputError(f"{target}: already exists; pass --overwrite or choose another name")
+            raise OutputError(
+                f"{target}: already exists; pass overwrite=True or choose another name"
+            )
         check_folder(target.parent)
 
     def write_bytes(self, target: Path, data: bytes) -> Path:
@@ -73,8 +76,9 @@ def _fill(stream: BinaryIO, data: bytes) -> None:
     stream.write(data)
 
 
-def _write_temp(target: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file next to ``target``, flushed to disk; removed on error."""
+def _write_temp(target: Path, data: bytes, sync: bool = True) -> Path:
+    """``data`` in a new temporary file next to ``target``, flushed to disk when ``sync``;
+    removed on error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
@@ -85,7 +89,8 @@ def _write_temp(target: Path, data: bytes) -> Path:
         with os.fdopen(handle, "wb") as stream:
             _fill(stream, data)
             stream.flush()
-            os.fsync(stream.fileno())
+            if sync:
+                os.fsync(stream.fileno())
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -115,11 +120,13 @@ def atomic_write_all(files: Mapping[Path, bytes]) -> None:
             temp.unlink(missing_ok=True)
 
 
-def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``target`` through a temporary file in the same folder."""
+def atomic_write(target: Path, data: bytes, *, overwrite: bool = False, sync: bool = True) -> Path:
+    """Write ``data`` to ``target`` through a temporary file in the same folder; ``OutputError``
+    (nothing left behind) when it cannot. ``sync=False`` skips the fsync, for caches, where an
+    entry lost in a crash is only a miss."""
     temp = None
     try:
-        temp = _write_temp(target, data)
+        temp = _write_temp(target, data, sync)
         _place(temp, target, overwrite)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
@@ -129,23 +136,54 @@ def atomic_write(target: Path, data: bytes, *, overwrite: bool = False) -> Path:
     return target
 
 
+#: what ``os.link`` raises where the filesystem has no hard links (FAT, exFAT, many SMB shares)
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+
+
 def _place(temp: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished temporary file to ``target`` (replacing it only when ``overwrite``)."""
+    """Move a finished temporary file to ``target`` (replacing it only when ``overwrite``).
+
+    Without ``overwrite`` a file that appeared at ``target`` meanwhile is never replaced: the
+    temporary file is hard-linked to the name (which fails if it exists), or, where the
+    filesystem has no hard links, the name is first claimed by creating it exclusively and
+    the finished file then renamed over that claim (a reader may see it empty meanwhile)."""
     if overwrite:
         os.replace(temp, target)
         return
     try:
         os.link(temp, target)  # fails if the target appeared meanwhile: never clobbers
     except FileExistsError as exc:
-        raise OutputError(f"{target}: already exists; pass --overwrite") from exc
+        raise _exists(target) from exc
+    except (OSError, AttributeError) as exc:  # AttributeError: a platform without os.link
+        if isinstance(exc, OSError) and exc.errno not in NO_HARD_LINKS:
+            raise
+        _claim(target)
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            target.unlink(missing_ok=True)  # our empty claim, not a file of someone else's
+            raise
+        return
     temp.unlink()
+
+
+def _claim(target: Path) -> None:
+    """Create ``target`` empty, failing if it exists (the fallback of ``_place``)."""
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
+    except FileExistsError as exc:
+        raise _exists(target) from exc
+
+
+def _exists(target: Path) -> OutputError:
+    return OutputError(f"{target}: already exists; pass overwrite=True")
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 92) -> bytes:
     """PNG (zlib level 1: fast, lossless) or JPEG bytes."""
     kind = IMAGE_FORMATS.get(fmt.lower())
     if kind is None:
-        raise OutputError(f"--format {fmt}: use png or jpg")
+        raise OutputError(f"fmt={fmt!r}: use png or jpg")
     buffer = io.BytesIO()
     if kind == "PNG":
         image.save(buffer, "PNG", compress_level=1)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from gapcam.boxes import EIGHT_CONNECTED
+from gapcam.boxes import EIGHT_CONNECTED, box_iou
 
 #: Thresholds of the sweep on the normalised map: 0.00, 0.01, ..., 0.99.
 THRESHOLDS: np.ndarray = np.round(np.arange(100) * 0.01, 2)
@@ -45,17 +45,10 @@ def inclusive_iou(a: Any, b: Any) -> np.ndarray:
     """IoU of every box in ``a`` (N x 4) with every box in ``b`` (M x 4): N x M.
 
     Inclusive pixel boxes: a box (x0, y0, x1, y1) covers (x1 - x0 + 1) * (y1 - y0 + 1) pixels,
-    so (3, 3, 3, 3) is one pixel. Empty input gives an empty matrix; degenerate pairs give 0.
+    so (3, 3, 3, 3) is one pixel (``boxes.box_iou`` with ``inclusive=True``). Empty input gives
+    an empty matrix; degenerate pairs give 0.
     """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.clip(width + 1, 0, None) * np.clip(height + 1, 0, None)
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return box_iou(a, b, inclusive=True)
 
 
 @dataclass(frozen=True)

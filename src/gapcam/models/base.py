@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,22 @@ class GapModel:
         words = [n for n in original if wanted in n.replace("-", " ").split()]
         close = difflib.get_close_matches(wanted, list(original), n=count)
         return [original[n] for n in dict.fromkeys(words + close)][:count]
+
+
+def weights_digest(model: GapModel, kind: str, extra: str = "", *, head: bool = True) -> str:
+    """sha256 of ``kind``, the model's name, ``extra`` and every tensor of its module (name,
+    dtype, shape and values, in name order): what a cache keys its entries by. ``head=False``
+    leaves the classifier's tensors out (entries that outlive a new head)."""
+    digest = hashlib.sha256(f"{kind}\n{model.name}\n{extra}".encode())
+    classifier = model.classifier.state_dict(keep_vars=True).values()
+    skipped = set() if head else {id(t) for t in classifier}
+    for name, tensor in sorted(model.module.state_dict(keep_vars=True).items()):
+        if id(tensor) in skipped:
+            continue
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
+import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -86,19 +87,35 @@ def build(name: str, weights: str | Path | None = None) -> GapModel:
             head_key = _classifier_key(timm.create_model(name, pretrained=False))
             if head_key not in state:
                 raise ModelError(
-                    f"--weights {weights}: no {head_key!r} entry; not weights for {name}"
+                    f"weights={str(weights)!r}: no {head_key!r} entry; not weights for {name}"
                 )
             classes = int(state[head_key].shape[0])
         module = timm.create_model(name, pretrained=False, num_classes=classes)
         if state is not None:
-            load_into(module, state, f"--weights {weights}")
+            load_into(module, state, f"weights={str(weights)!r}")
     return wrap(module, f"timm:{name}")
 
 
+#: the settings that keep the Hugging Face hub offline, read as ``huggingface_hub`` reads them
+#: (the first one set counts; HF_DATASETS_OFFLINE is about datasets, not model weights)
+OFFLINE_SETTINGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def offline_setting() -> str | None:
+    """``NAME=VALUE`` of the setting that keeps the Hugging Face hub offline, or None."""
+    for name in OFFLINE_SETTINGS:
+        value = os.environ.get(name)
+        if value:
+            return f"{name}={value}" if value.upper() in TRUE_VALUES else None
+    return None
+
+
 def _pretrained(timm: Any, name: str) -> nn.Module:
-    """timm's pretrained model, from the local Hugging Face cache when it is there; offline
-    with no cached copy, one clear error at once (instead of the hub client's retries)."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    """timm's pretrained model, from the local Hugging Face cache when it is there. Otherwise
+    it is downloaded as ``huggingface_hub`` does (its proxy settings apply); with the hub set
+    offline (``offline_setting``), one clear error at once; a failed download, one line."""
+    from huggingface_hub import try_to_load_from_cache
 
     hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id if timm.models.is_model(name) else None
     overlay: dict[str, str] = {}
@@ -108,34 +125,72 @@ def _pretrained(timm: Any, name: str) -> nn.Module:
             if isinstance(cached, str):
                 overlay = {"file": cached}
                 break
-    if not overlay and not _reachable(constants.ENDPOINT):
-        raise ModelError(
-            f"timm:{name}: its pretrained weights are not cached and the model hub cannot be "
-            "reached (offline?); connect once, or pass --weights FILE, or use efficientnet_lite0"
-        )
+    if hub_id and not overlay:
+        setting = offline_setting()
+        if setting:
+            raise ModelError(
+                f"timm:{name}: its pretrained weights are not cached and {setting} keeps the "
+                "Hugging Face hub offline; download them once without it, or pass weights=FILE, "
+                "or use efficientnet_lite0"
+            )
+        failure = _first_request(hub_id)
+        if failure:
+            proxied = "https" in urllib.request.getproxies()
+            proxy = "" if proxied else " (behind a proxy: set HTTPS_PROXY)"
+            raise ModelError(
+                f"timm:{name}: its pretrained weights are not cached and the Hugging Face hub "
+                f"cannot be reached ({failure}); connect once{proxy}, or pass weights=FILE, "
+                "or use efficientnet_lite0"
+            )
     held = io.StringIO()
     try:
         with contextlib.redirect_stderr(held), contextlib.redirect_stdout(held):
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None)
     except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"timm:{name}: cannot fetch its pretrained weights ({first[:200]}); connect to "
-            "the internet once, or pass --weights FILE, or use efficientnet_lite0"
+            f"timm:{name}: cannot fetch its pretrained weights ({_reason(exc)}); connect to "
+            "the internet once, or pass weights=FILE, or use efficientnet_lite0"
         ) from exc
 
 
-def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the endpoint's host opens within ``timeout`` seconds."""
-    from urllib.parse import urlsplit
+def _first_request(hub_id: str) -> str | None:
+    """The download's first request (the weights file's metadata) made once, as the download
+    makes it (``huggingface_hub``'s client: its endpoint, proxy settings, certificates and
+    timeout), but without the client's retries, which take about 45 seconds per file to give
+    up when the hub cannot be reached. The reason it failed, or None when the hub answered
+    (even "no such file": the download then decides)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
 
-    parts = urlsplit(endpoint)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        get_hf_file_metadata(
+            hf_hub_url(hub_id, "model.safetensors"), timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
+    except HfHubHTTPError:
+        return None
+    except Exception as exc:  # the client's own transport errors (connect, proxy, TLS, timeout)
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause (the hub wraps e.g. "Connection refused" in a
+    paragraph about its cache), at most 200 characters."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def last_stage(module: nn.Module) -> list[str] | None:
+    """timm's EfficientNet / MobileNet layout (the embedded default): the last block group and
+    the final 1x1 convolution + norm, as state-dict name prefixes; None for other layouts
+    (timm ResNets and DenseNets have torchvision's: ``tv.last_stage``)."""
+    children = dict(module.named_children())
+    if "blocks" in children and "conv_head" in children:
+        last = len(list(children["blocks"].children())) - 1
+        return [f"blocks.{last}.", "conv_head.", "bn2."]
+    return None
 
 
 def _classifier_key(module: nn.Module) -> str:
@@ -155,7 +210,7 @@ def build_embedded(weights: str | Path | None = None) -> GapModel:
     if weights == "random":
         pass
     elif weights is not None:
-        load_into(module, load_state_dict(weights), f"--weights {weights}")
+        load_into(module, load_state_dict(weights), f"weights={str(weights)!r}")
     else:
         load_into(module, _embedded_state(module), EMBEDDED_NAME)
     model = wrap(module, EMBEDDED_NAME, source="embedded")

@@ -38,47 +38,114 @@ def _shufflenet(m: Any, x: torch.Tensor) -> torch.Tensor:
     return m.conv5(m.stage4(m.stage3(m.stage2(x))))
 
 
+def _children(m: nn.Module) -> dict[str, nn.Module]:
+    return dict(m.named_children())
+
+
+def _layer4(m: nn.Module) -> list[str] | None:
+    return ["layer4."] if "layer4" in _children(m) else None
+
+
+def _dense_block4(m: nn.Module) -> list[str] | None:
+    features = _children(m).get("features")
+    if isinstance(features, nn.Sequential) and "denseblock4" in _children(features):
+        return ["features.denseblock4.", "features.norm5."]
+    return None
+
+
+def _features_last_two(m: nn.Module) -> list[str] | None:
+    """The last block group and the final 1x1 convolution: the last two modules of
+    ``features`` (MobileNetV2, EfficientNet)."""
+    features = _children(m).get("features")
+    if not isinstance(features, nn.Sequential) or "denseblock4" in _children(features):
+        return None
+    return [f"features.{name}." for name in list(_children(features))[-2:]]
+
+
+def _mnasnet_stage(m: nn.Module) -> list[str] | None:
+    """The last block stack (a Sequential) and what follows it: the 1x1 conv, norm, ReLU."""
+    layers = _children(m).get("layers")
+    if not isinstance(layers, nn.Sequential):
+        return None
+    named = list(layers.named_children())
+    stacks = [i for i, (_, child) in enumerate(named) if isinstance(child, nn.Sequential)]
+    last = stacks[-1] if stacks else max(len(named) - 3, 0)
+    return [f"layers.{name}." for name, _ in named[last:]]
+
+
+def _stage4_conv5(m: nn.Module) -> list[str] | None:
+    return ["stage4.", "conv5."] if {"stage4", "conv5"} <= set(_children(m)) else None
+
+
+def _last_trunk_block(m: nn.Module) -> list[str] | None:
+    trunk = _children(m).get("trunk_output")
+    return None if trunk is None else [f"trunk_output.{list(_children(trunk))[-1]}."]
+
+
 @dataclass(frozen=True)
 class Family:
+    """A torchvision family: its name prefixes, where its features are, its classifier (and
+    the classifier's state-dict key), its head, and ``last_stage``: the state-dict name
+    prefixes of its backbone's last stage (what ``finetune='last-stage'`` trains), or None
+    for a module without the family's layout."""
+
     prefixes: tuple[str, ...]
     features: FeatureFn
     classifier: Callable[[Any], nn.Module]
     classifier_key: str
+    last_stage: Callable[[nn.Module], list[str] | None] | None
     head: str = "linear"
 
 
+#: in the order ``last_stage`` tries them
 FAMILIES: dict[str, Family] = {
-    "resnet": Family(("resnet", "resnext", "wide_resnet"), _resnet, lambda m: m.fc, "fc.weight"),
+    "resnet": Family(
+        ("resnet", "resnext", "wide_resnet"), _resnet, lambda m: m.fc, "fc.weight", _layer4
+    ),
     "densenet": Family(
         ("densenet",),
         lambda m, x: F.relu(m.features(x)),
         lambda m: m.classifier,
         "classifier.weight",
+        _dense_block4,
     ),
     "mobilenet_v2": Family(
         ("mobilenet_v2",),
         lambda m, x: m.features(x),
         lambda m: m.classifier[-1],
         "classifier.1.weight",
+        _features_last_two,
     ),
     "efficientnet": Family(
         ("efficientnet_b", "efficientnet_v2"),
         lambda m, x: m.features(x),
         lambda m: m.classifier[-1],
         "classifier.1.weight",
-    ),
-    "regnet": Family(
-        ("regnet",), lambda m, x: m.trunk_output(m.stem(x)), lambda m: m.fc, "fc.weight"
+        _features_last_two,
     ),
     "mnasnet": Family(
-        ("mnasnet",), lambda m, x: m.layers(x), lambda m: m.classifier[-1], "classifier.1.weight"
+        ("mnasnet",),
+        lambda m, x: m.layers(x),
+        lambda m: m.classifier[-1],
+        "classifier.1.weight",
+        _mnasnet_stage,
     ),
-    "shufflenet": Family(("shufflenet_v2",), _shufflenet, lambda m: m.fc, "fc.weight"),
-    "squeezenet": Family(
+    "shufflenet": Family(
+        ("shufflenet_v2",), _shufflenet, lambda m: m.fc, "fc.weight", _stage4_conv5
+    ),
+    "regnet": Family(
+        ("regnet",),
+        lambda m, x: m.trunk_output(m.stem(x)),
+        lambda m: m.fc,
+        "fc.weight",
+        _last_trunk_block,
+    ),
+    "squeezenet": Family(  # its conv-relu head is not trained by `gapcam train`
         ("squeezenet",),
         lambda m, x: m.features(x),
         lambda m: m.classifier[1],
         "classifier.1.weight",
+        None,
         head="conv-relu",
     ),
 }
@@ -106,6 +173,16 @@ def family_of(name: str) -> Family | None:
     for family in FAMILIES.values():
         if name.startswith(family.prefixes):
             return family
+    return None
+
+
+def last_stage(module: nn.Module) -> list[str] | None:
+    """The last stage's prefixes (``Family.last_stage``) of the first family whose layout
+    ``module`` has, or None."""
+    for family in FAMILIES.values():
+        found = family.last_stage(module) if family.last_stage is not None else None
+        if found is not None:
+            return found
     return None
 
 
@@ -151,7 +228,7 @@ def build(name: str, weights: str | Path | None = None) -> GapModel:
         classes = 1000 if state is None else _num_classes(state, family, weights)
         module = torchvision.models.get_model(name, weights=None, num_classes=classes)
         if state is not None:
-            load_into(module, state, f"--weights {weights}")
+            load_into(module, state, f"weights={str(weights)!r}")
         names, aliases = default_names(classes)
     transforms = enum.transforms()
     preprocess = Preprocess(
@@ -186,7 +263,7 @@ def _download(name: str, torchvision: Any) -> nn.Module:
         reason = getattr(exc, "reason", exc)
         raise ModelError(
             f"{name}: cannot download its pretrained weights ({reason}); connect once to the "
-            f"internet (they are cached under {torch.hub.get_dir()}), or pass --weights FILE, "
+            f"internet (they are cached under {torch.hub.get_dir()}), or pass weights=FILE, "
             "or use the embedded default model efficientnet_lite0"
         ) from exc
 
@@ -195,7 +272,7 @@ def _num_classes(state: dict[str, torch.Tensor], family: Family, weights: str | 
     tensor = state.get(family.classifier_key)
     if tensor is None:
         raise ModelError(
-            f"--weights {weights}: no {family.classifier_key!r} entry; these weights are not "
+            f"weights={str(weights)!r}: no {family.classifier_key!r} entry; these weights are not "
             "for this architecture"
         )
     return int(tensor.shape[0])

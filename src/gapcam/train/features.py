@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +27,17 @@ import torch
 
 from gapcam import images
 from gapcam.console import progress_bar
-from gapcam.errors import GapcamError
-from gapcam.models.base import GapModel, inference_state
+from gapcam.errors import GapcamError, OutputError
+from gapcam.models.base import GapModel, inference_state, weights_digest
+from gapcam.outputs import atomic_write, encode_npy
 
 KIND = "gapcam.pooled-features/1"
 
 
 def model_key(model: GapModel) -> str:
     """sha256 over the backbone tensors (classifier excluded) and the preprocessing."""
-    digest = hashlib.sha256(f"{KIND}\n{model.name}\n".encode())
-    preprocess = dataclasses.asdict(model.preprocess)
-    digest.update(json.dumps(preprocess, sort_keys=True).encode())
-    head = {id(t) for t in model.classifier.state_dict(keep_vars=True).values()}
-    for name, tensor in sorted(model.module.state_dict(keep_vars=True).items()):
-        if id(tensor) in head:
-            continue
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    preprocess = json.dumps(dataclasses.asdict(model.preprocess), sort_keys=True)
+    return weights_digest(model, KIND, preprocess, head=False)
 
 
 class FeatureCache:
@@ -74,19 +64,18 @@ class FeatureCache:
         return vector
 
     def put(self, digest: str, vector: np.ndarray) -> None:
-        """Write one entry (temp file + rename; no fsync: a lost entry is only a miss)."""
+        """Write one entry (atomically; no fsync: a lost entry is only a miss). The first entry
+        that cannot be written disables the cache, with a note."""
         if not self.enabled:
             return
-        target = self._path(digest)
+        data = encode_npy(vector.astype(np.float32))
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(suffix=".tmp", dir=target.parent)
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, vector.astype(np.float32), allow_pickle=False)
-            os.replace(temp, target)
-        except OSError as exc:
+            atomic_write(self._path(digest), data, overwrite=True, sync=False)
+        except OutputError as exc:
+            cause = exc.__cause__
+            reason = (cause.strerror or cause) if isinstance(cause, OSError) else exc
             self.enabled = False
-            self.notes.append(f"feature cache {self.folder} disabled: {exc.strerror or exc}")
+            self.notes.append(f"feature cache {self.folder} disabled: {reason}")
 
 
 @dataclass

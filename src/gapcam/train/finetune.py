@@ -1,14 +1,15 @@
-"""``--finetune last-stage``: train the backbone's last stage together with the head.
+"""``finetune='last-stage'``: train the backbone's last stage together with the head.
 
-The last stage is named per family (never guessed): timm EfficientNet-style models (the
-embedded default) train their last block group and the final 1x1 convolution + norm; ResNets
-``layer4``; DenseNets ``denseblock4`` + ``norm5``; torchvision MobileNetV2 / EfficientNet the
-last two modules of ``features`` (the last block group and the final 1x1 convolution); MNASNet
-its last block stack and the final 1x1 convolution + norm; ShuffleNetV2 ``stage4`` + ``conv5``;
-RegNets the last trunk block. BatchNorm layers keep their running statistics (the whole network
-stays in eval mode; small CPU batches would make them noisy). Each epoch sees augmented images
-(random resized crop, horizontal flip, brightness and contrast jitter) drawn from a generator
-seeded by (seed, epoch, image).
+The last stage is named per family by the model adapters (``timm_models.last_stage``,
+``tv.FAMILIES``; never guessed): timm EfficientNet-style models (the embedded default) train
+their last block group and the final 1x1 convolution + norm; ResNets ``layer4``; DenseNets
+``denseblock4`` + ``norm5``; torchvision MobileNetV2 / EfficientNet the last two modules of
+``features`` (the last block group and the final 1x1 convolution); MNASNet its last block stack
+and the final 1x1 convolution + norm; ShuffleNetV2 ``stage4`` + ``conv5``; RegNets the last
+trunk block. BatchNorm layers keep their running statistics (the whole network stays in eval
+mode; small CPU batches would make them noisy). Each epoch sees augmented images (random
+resized crop, horizontal flip, brightness and contrast jitter) drawn from a generator seeded
+by (seed, epoch, image).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from gapcam import images
 from gapcam.console import progress_bar
 from gapcam.errors import TrainingError
+from gapcam.models import timm_models, tv
 from gapcam.models.base import GapModel, inference_state
 from gapcam.models.weights import load_tensors
 from gapcam.train.loop import (
@@ -43,41 +45,24 @@ from gapcam.train.loop import (
     optimizer_tensors,
     scores,
 )
+from gapcam.types import FINETUNE_MODES
 
-MODES = ("none", "last-stage")
+MODES = FINETUNE_MODES
 BACKBONE_LR_SCALE = 0.1
 
 
 def last_stage(module: nn.Module) -> list[str]:
-    """Parameter-name prefixes of the last stage of a supported backbone."""
-    children = dict(module.named_children())
-    if "blocks" in children and "conv_head" in children:  # timm EfficientNet / MobileNet family
-        last = len(list(children["blocks"].children())) - 1
-        return [f"blocks.{last}.", "conv_head.", "bn2."]
-    if "layer4" in children:
-        return ["layer4."]
-    features = children.get("features")
-    if isinstance(features, nn.Sequential):
-        named = dict(features.named_children())
-        if "denseblock4" in named:
-            return ["features.denseblock4.", "features.norm5."]
-        return [f"features.{name}." for name in list(named)[-2:]]
-    if "layers" in children and isinstance(children["layers"], nn.Sequential):  # MNASNet
-        # the last block stack (a Sequential) and what follows it: the 1x1 conv, norm, ReLU
-        layers = list(children["layers"].named_children())
-        stacks = [i for i, (_, child) in enumerate(layers) if isinstance(child, nn.Sequential)]
-        last = stacks[-1] if stacks else max(len(layers) - 3, 0)
-        return [f"layers.{name}." for name, _ in layers[last:]]
-    if "stage4" in children and "conv5" in children:  # ShuffleNetV2
-        return ["stage4.", "conv5."]
-    if "trunk_output" in children:
-        last_name = list(dict(children["trunk_output"].named_children()))[-1]
-        return [f"trunk_output.{last_name}."]
+    """Parameter-name prefixes of the last stage of a supported backbone, as its adapter names
+    them (``timm_models.last_stage``, then each torchvision family's ``Family.last_stage``)."""
+    for adapter in (timm_models.last_stage, tv.last_stage):
+        found = adapter(module)
+        if found is not None:
+            return found
     raise TrainingError(
-        f"--finetune last-stage: gapcam does not know the last stage of {type(module).__name__}; "
-        "supported: the embedded efficientnet_lite0, timm EfficientNets, ResNets, DenseNets, "
-        "MobileNetV2, torchvision EfficientNets, MNASNet, ShuffleNetV2, RegNets; or train the head "
-        "only"
+        f"finetune='last-stage': gapcam does not know the last stage of "
+        f"{type(module).__name__}; supported: the embedded efficientnet_lite0, timm EfficientNets, "
+        "ResNets, DenseNets, MobileNetV2, torchvision EfficientNets, MNASNet, ShuffleNetV2, "
+        "RegNets; or train the head only"
     )
 
 

@@ -2,8 +2,8 @@
 
 - ``eager``: the PyTorch module itself (the reference; any device; weights read live).
 - ``onnx``: the feature extractor exported once to ONNX (``torch.onnx.export``, opset 17,
-  dynamic batch) and run by ONNX Runtime on the CPU (~3x eager for the default model on 2
-  cores). Needs ``onnxruntime`` (``pip install gapcam[fast]``).
+  dynamic batch) and run by ONNX Runtime on the CPU (faster than eager there: measured in
+  docs/speed.md). Needs ``onnxruntime`` (``pip install gapcam[fast]``).
 - ``auto``: ``onnx`` when onnxruntime is installed, the model is on the CPU in float32 and it
   exports; otherwise ``eager``, with a note saying why.
 
@@ -72,8 +72,8 @@ class EagerBackend:
 
     Built-in models (torchvision, timm, the embedded default and checkpoints of them) get their
     input in the channels-last memory format on CPU and CUDA, which carries through their
-    convolutions: the same values up to float rounding (~1e-6 relative), ~1.4x faster on a CPU
-    (docs/speed.md). The module itself is not touched (its tensors stay contiguous, so a
+    convolutions: the same values up to float rounding (~1e-6 relative), and faster on a CPU
+    (measured in docs/speed.md). The module itself is not touched (its tensors stay contiguous, so a
     caller's ``state_dict`` saves as before). Modules wrapped with ``from_module`` get the
     default layout, since user code may ``view`` feature maps in ways that need it.
     """

@@ -121,9 +121,15 @@ def run_train(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in fields - set(model) if hasattr(args, name)}
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     config = TrainConfig(Path(args.data), Path(args.out), cache_dir=cache_dir, **model, **given)
+
     # -q: the progress and the report are dropped; what matters goes to stderr with the summary
-    warn = (lambda line: print(line, file=sys.stderr)) if config.quiet else print
-    report = run_training(config, echo=print, warn=warn)
+    def echo(line: str) -> None:
+        print(options.flag_message(line, args.flags))
+
+    def warn(line: str) -> None:
+        print(options.flag_message(line, args.flags), file=sys.stderr if config.quiet else None)
+
+    report = run_training(config, echo=echo, warn=warn)
     skipped = len(report.skipped)
     print(
         f"gapcam: trained {len(report.model.class_names)} classes, val accuracy "

@@ -29,9 +29,10 @@ from gapcam.train.config import DEFAULTS, FINETUNE_EPOCHS, HEAD_EPOCHS, TrainCon
 from gapcam.train.data import Dataset, discover
 from gapcam.train.features import Extracted, FeatureCache, model_key
 from gapcam.train.features import pooled_features as _pooled_features
-from gapcam.train.finetune import MODES, fit_last_stage, last_stage
+from gapcam.train.finetune import fit_last_stage, last_stage
 from gapcam.train.loop import LoopState, Standardizer
 from gapcam.train.output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
+from gapcam.types import FINETUNE_MODES, OPTIMIZERS
 
 
 def train_classifier(data: str | Path, out: str | Path, **options: Any) -> TrainReport:
@@ -55,8 +56,9 @@ def run_training(config: TrainConfig, echo: Echo = print, warn: Echo | None = No
     dataset = discover(config.data, settings["val_fraction"], settings["seed"])
     if previous is not None and list(previous["class_names"]) != list(dataset.class_names):
         raise TrainingError(
-            f"--resume: the run's classes {list(previous['class_names'])} differ from the data's "
-            f"{list(dataset.class_names)}; start a new run (another --out, or --overwrite)"
+            f"resume=True: the run's classes {list(previous['class_names'])} differ from the "
+            f"data's {list(dataset.class_names)}; start a new run (another out=, or "
+            "overwrite=True)"
         )
     model = _backbone(settings, dataset.class_names, config.device)
     if settings["finetune"] == "last-stage":
@@ -78,7 +80,7 @@ def run_training(config: TrainConfig, echo: Echo = print, warn: Echo | None = No
         run.phases = {name: state for name, state in run.phases.items() if state.best}
         if not run.phases:  # not one epoch done: nothing worth saving
             raise
-        warn("interrupted: saving the run as it stands; continue it with --resume")
+        warn("interrupted: saving the run as it stands; continue it with resume=True")
     run.timings["training_s"] = time.perf_counter() - started
     return write_run(run, model, echo, interrupted, warn)
 
@@ -91,36 +93,37 @@ def _check_out(config: TrainConfig) -> dict[str, Any] | None:
     """Refuse to clobber a run; on ``resume``, the run's gapcam.json."""
     out = config.out
     if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out}: is a file; give a folder for the run")
+        raise TrainingError(f"out={str(out)!r}: is a file; give a folder for the run")
     if config.resume and config.overwrite:
-        raise TrainingError("--resume and --overwrite: give one or the other")
+        raise TrainingError("resume=True and overwrite=True: give one or the other")
     if config.data.resolve() in (out.resolve(), *out.resolve().parents):
         raise TrainingError(
-            f"--out {out}: is inside the data folder {config.data}, where it would be read as "
+            f"out={str(out)!r}: is inside the data folder {config.data}, where it would be read as "
             "a class; choose a folder outside it"
         )
     holds_run = (out / METADATA).exists() or (out / STATE).exists()
     if config.resume:
         if not holds_run:
             raise TrainingError(
-                f"--resume: {out} holds no training run ({METADATA}); drop --resume to start one"
+                f"resume=True: {out} holds no training run ({METADATA}); drop resume=True to "
+                "start one"
             )
         try:
             document = read_metadata(out)
         except ModelError as exc:
-            raise TrainingError(f"--resume: {exc}") from exc
+            raise TrainingError(f"resume=True: {exc}") from exc
         if "training" not in document or not (out / STATE).is_file():
-            raise TrainingError(f"--resume: {out} has no {STATE}; it cannot be continued")
+            raise TrainingError(f"resume=True: {out} has no {STATE}; it cannot be continued")
         return document
     if holds_run and not config.overwrite:
         raise TrainingError(
-            f"--out {out}: already holds a training run ({METADATA}); pass --resume to continue "
-            "it or --overwrite to replace it, or choose another --out"
+            f"out={str(out)!r}: already holds a training run ({METADATA}); pass resume=True to "
+            "continue it or overwrite=True to replace it, or choose another out="
         )
     if out.is_dir() and not holds_run and any(out.iterdir()) and not config.overwrite:
         raise TrainingError(
-            f"--out {out}: folder is not empty and holds no gapcam run; choose a new or empty "
-            "folder, or pass --overwrite to write the run into it"
+            f"out={str(out)!r}: folder is not empty and holds no gapcam run; choose a new or "
+            "empty folder, or pass overwrite=True to write the run into it"
         )
     return None
 
@@ -134,21 +137,20 @@ def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, 
             given = str(Path(given).resolve())  # a resumed run may start from another folder
         if stored and given is not None and given != stored.get(key):
             raise TrainingError(
-                f"--resume: --{key.replace('_', '-')} {given} differs from the run's "
+                f"resume=True: {key}={given!r} differs from the run's "
                 f"{stored.get(key)}; leave it out to continue, or start a new run"
             )
         settings[key] = given if given is not None else stored.get(key, default)
-    if settings["finetune"] not in MODES:
-        raise TrainingError(f"--finetune {settings['finetune']}: use one of {', '.join(MODES)}")
-    if settings["optimizer"] not in train_loop.OPTIMIZERS:
-        raise TrainingError(
-            f"--optimizer {settings['optimizer']}: use {' or '.join(train_loop.OPTIMIZERS)}"
-        )
+    if settings["finetune"] not in FINETUNE_MODES:
+        modes = ", ".join(FINETUNE_MODES)
+        raise TrainingError(f"finetune={settings['finetune']!r}: use one of {modes}")
+    if settings["optimizer"] not in OPTIMIZERS:
+        raise TrainingError(f"optimizer={settings['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
     for key in ("lr", "batch_size"):
         if not settings[key] > 0:
-            raise TrainingError(f"--{key.replace('_', '-')} {settings[key]:g}: must be positive")
+            raise TrainingError(f"{key}={settings[key]:g}: must be positive")
     if (config.epochs is not None and config.epochs < 1) or config.patience < 1:
-        raise TrainingError(f"--epochs {config.epochs} / --patience {config.patience}: use >= 1")
+        raise TrainingError(f"epochs={config.epochs} / patience={config.patience}: use >= 1")
     return settings
 
 
@@ -158,13 +160,13 @@ def _backbone(settings: dict[str, Any], names: tuple[str, ...], device: str | No
     weights = settings["weights"]
     if weights == "random":
         raise TrainingError(
-            "--weights random: a randomly initialised backbone cannot be rebuilt from the run "
+            "weights='random': a randomly initialised backbone cannot be rebuilt from the run "
             "folder; train on pretrained weights (the default) or a weights file"
         )
     model = build_model(settings["model"], weights)
     if model.head != "linear":
         raise TrainingError(
-            f"--model {settings['model']}: its classifier is a 1x1 convolution + ReLU before the "
+            f"model={settings['model']!r}: its classifier is a 1x1 convolution + ReLU before the "
             "pooling, not a linear layer on pooled features; gapcam train needs a linear head"
         )
     model = replace_classifier(model, names)
@@ -286,4 +288,4 @@ def _state_tensors(out: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(out / STATE), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TrainingError(f"--resume: cannot read {out / STATE} ({exc})") from exc
+        raise TrainingError(f"resume=True: cannot read {out / STATE} ({exc})") from exc

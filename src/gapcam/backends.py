@@ -286,7 +286,7 @@ def make_backend(
     if precision != "float32":
         raise ModelError(
             f"backend='onnx' runs float32; for precision={precision!r} use backend='eager' "
-            "(or 'auto')"
+            "(or backend='auto')"
         )
     if choice == "onnx":
         return OnnxBackend(model, root, threads)

@@ -141,7 +141,8 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-#: flags whose values pass to ``Localizer`` unchanged, when a command has them
+#: flags whose values pass to ``Localizer`` unchanged, when a command has them (the view
+#: options go through ``view_options``, which applies ``--preset`` under them)
 _LOCALIZER_FLAGS = (
     "threshold",
     "normalize",
@@ -150,20 +151,16 @@ _LOCALIZER_FLAGS = (
     "max_pixels",
     "backend",
     "precision",
-    "input_size",
-    "hflip",
 )
 
 
 def localizer_options(args: argparse.Namespace) -> dict[str, Any]:
     """The plain (picklable) settings a front end builds its Localizer from, with
-    ``build_localizer``: every Localizer flag the command has, and nothing it does not."""
+    ``Localizer.from_options``: every Localizer flag the command has, and none it does not."""
     from gapcam.localizer import view_options
 
     options = model_options(args)
     options |= {name: getattr(args, name) for name in _LOCALIZER_FLAGS if hasattr(args, name)}
-    for name in ("input_size", "hflip"):
-        options.pop(name, None)
     options |= view_options(
         getattr(args, "preset", None),
         getattr(args, "input_size", None),

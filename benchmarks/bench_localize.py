@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from devset import add_data_option, dev_set
 
 from gapcam import cli, images
 from gapcam.localizer import Localizer
@@ -86,30 +87,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=300, help="images (default: all 300)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for every path")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per path; best is kept")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
-        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
-    )
+    add_data_option(p)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="cProfile one extra CLI run")
     return p.parse_args(argv)
-
-
-def dev_set(data: Path | None) -> Path:
-    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
-    if data is None:
-        raise SystemExit(
-            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
-            "--data DIR (docs/evaluate.md says how to build the set)"
-        )
-    if not (data / "image_ids.txt").is_file():
-        raise SystemExit(
-            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
-            "folder (docs/evaluate.md says how to build it)"
-        )
-    return data
 
 
 def image_paths(data: Path, limit: int) -> list[Path]:

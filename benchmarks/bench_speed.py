@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from devset import add_data_option, dev_set
+
 ROWS = (
     "forward eager",
     "forward eager, malloc kept",
@@ -60,12 +62,7 @@ ROWS = (
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet50"])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
-        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
-    )
+    add_data_option(p)
     p.add_argument("--limit", type=int, default=300, help="images (default: all 300)")
     p.add_argument("--resnet-limit", type=int, default=100, help="images for resnet50")
     p.add_argument("--batch", type=int, default=8)
@@ -256,21 +253,6 @@ def measure(
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]
             return {"error": tail[:90]}
         return json.loads(lines[-1])
-
-
-def dev_set(data: Path | None) -> Path:
-    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
-    if data is None:
-        raise SystemExit(
-            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
-            "--data DIR (docs/evaluate.md says how to build the set)"
-        )
-    if not (data / "image_ids.txt").is_file():
-        raise SystemExit(
-            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
-            "folder (docs/evaluate.md says how to build it)"
-        )
-    return data
 
 
 def subset(data: Path, limit: int, folder: Path, repeat: int = 1) -> list[Path]:

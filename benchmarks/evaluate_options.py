@@ -14,12 +14,11 @@ that CPU time is a stable measure on a shared machine.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from devset import add_data_option, dev_set
 
 from gapcam.eval.datasets import load_dataset
 from gapcam.eval.evaluate import evaluate, label_resolver
@@ -46,29 +45,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def dev_set(data: Path | None) -> Path:
-    """``--data``, else $GAPCAM_ILSVRC_DEV (the default); neither: exit with what to pass."""
-    if data is None:
-        raise SystemExit(
-            f"{Path(__file__).name}: no ILSVRC dev set: set GAPCAM_ILSVRC_DEV to its folder or pass "
-            "--data DIR (docs/evaluate.md says how to build the set)"
-        )
-    if not (data / "image_ids.txt").is_file():
-        raise SystemExit(
-            f"{data}: no image_ids.txt: --data (or GAPCAM_ILSVRC_DEV) must be the ILSVRC dev set "
-            "folder (docs/evaluate.md says how to build it)"
-        )
-    return data
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=os.environ.get("GAPCAM_ILSVRC_DEV") or None,
-        help="the ILSVRC dev set folder (default: $GAPCAM_ILSVRC_DEV)",
-    )
+    add_data_option(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="substrings of the option names to run")
     args = parser.parse_args()

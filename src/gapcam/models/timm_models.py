@@ -21,9 +21,9 @@ from gapcam.errors import ModelError, UnsupportedModelError
 from gapcam.models.base import GapModel, verify_head
 from gapcam.models.imagenet import default_names
 from gapcam.models.weights import load_into, load_state_dict
-from gapcam.types import Preprocess
+from gapcam.types import DEFAULT_MODEL, Preprocess
 
-EMBEDDED_NAME = "efficientnet_lite0"
+EMBEDDED_NAME = DEFAULT_MODEL  # the embedded default is this module's model
 EMBEDDED_ARCH = "tf_efficientnet_lite0"
 
 

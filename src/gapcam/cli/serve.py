@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
 from gapcam.cli import options
+from gapcam.console import safe_text
 from gapcam.errors import GapcamError
+
+#: uploads are held in memory while they are decoded: a larger limit is a mistake, not a setting
+MAX_UPLOAD_MB = 1000.0
 
 EXAMPLES = """examples:
   gapcam serve
@@ -34,7 +39,10 @@ def add(commands: Any) -> None:
     options.add_backend(p, "eager")
     options.add_precision(p)
     p.add_argument(
-        "--max-upload-mb", type=float, default=20.0, help="upload size limit (default: 20)"
+        "--max-upload-mb",
+        type=float,
+        default=20.0,
+        help=f"upload size limit, at most {MAX_UPLOAD_MB:g} (default: 20)",
     )
     p.add_argument(
         "--max-pixels",
@@ -47,7 +55,14 @@ def add(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The body of ``gapcam serve``; returns the exit code."""
-    from gapcam.web.serve import LOOPBACK_HOSTS, bind, missing_extra, uvicorn_server
+    from gapcam.web.serve import (
+        bind,
+        check_port,
+        is_loopback,
+        loopback_hosts,
+        missing_extra,
+        uvicorn_server,
+    )
 
     problem = missing_extra()
     if problem:
@@ -56,20 +71,20 @@ def run(args: argparse.Namespace) -> int:
     from gapcam.localizer import Localizer
     from gapcam.web.app import create_app
 
-    if not args.max_upload_mb > 0:
-        raise GapcamError(f"--max-upload-mb {args.max_upload_mb}: must be a positive size in MB")
+    max_upload_bytes = upload_bytes(args.max_upload_mb)
+    check_port(args.port)
     # bad --checkpoint/--model/--preset combinations stop here, before the port is taken
     localizer = Localizer.from_options(options.localizer_options(args))
     sock = bind(args.host, args.port)
     try:
-        loopback = args.host in LOOPBACK_HOSTS
+        host, port = sock.getsockname()[:2]
+        loopback = is_loopback(host)  # what was bound, whatever name --host gave
         app = create_app(
             localizer,
-            max_upload_bytes=round(args.max_upload_mb * 1_000_000),
+            max_upload_bytes=max_upload_bytes,
             max_pixels=args.max_pixels,
-            allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if loopback else None,
+            allowed_hosts=loopback_hosts(host) if loopback else None,
         )
-        host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(
             f"gapcam: serving {localizer.gap_model.name} on http://{shown}:{port}/ (Ctrl+C stops)"
@@ -78,11 +93,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"gapcam: note: {options.flag_message(note, args.flags)}", file=sys.stderr)
         if not loopback:
             print(
-                f"gapcam: warning: --host {args.host} accepts connections from other machines; "
-                "anyone who can reach it can use this server",
+                f"gapcam: warning: --host {safe_text(args.host, 80)} accepts connections from "
+                "other machines; anyone who can reach it can use this server",
                 file=sys.stderr,
             )
         uvicorn_server(app).run(sockets=[sock])
     finally:
         sock.close()
     return 0
+
+
+def upload_bytes(megabytes: float) -> int:
+    """``--max-upload-mb`` in bytes; GapcamError unless it is a size from 1 byte to the cap."""
+    if not (math.isfinite(megabytes) and 1e-6 <= megabytes <= MAX_UPLOAD_MB):
+        raise GapcamError(
+            f"--max-upload-mb {megabytes:g}: must be a size in MB from 0.000001 (one byte) to "
+            f"{MAX_UPLOAD_MB:g}; uploads are held in memory while they are decoded"
+        )
+    return round(megabytes * 1_000_000)

@@ -4,11 +4,13 @@ Needs the ``web`` extra (``pip install 'gapcam[web]'``). Importing this package 
 heavy; ``gapcam.web.app.create_app`` builds the FastAPI application and ``gapcam.web.serve``
 runs it. Modules:
 
-    app.py      create_app: routes, error handlers, security headers, the shared Localizer
-    upload.py   reads one multipart upload into memory, enforcing the size limit while reading
+    app.py      create_app: routes, error handlers, security headers, upload slots per client
+    upload.py   reads one multipart upload into memory, enforcing its size limit and pace
     payload.py  a Result -> the JSON answer (maps as small grayscale PNG data URLs)
     schemas.py  the pydantic models that document the API in its OpenAPI schema
-    serve.py    the ``gapcam serve`` command and a background server for tests and notebooks
+    apidoc.py   the /docs page: the OpenAPI schema as plain HTML, no CDN, no script
+    serve.py    binds the socket and runs uvicorn (``gapcam serve``), or a background server
+    protocol.py uvicorn's HTTP protocol with a deadline per request head and JSON protocol errors
     static/     index.html, app.js, style.css: plain files, no build step
 """
 

@@ -5,12 +5,25 @@
     GET  /api/colormaps         colour lookup tables, so the page colours maps itself
     GET  /api/examples/{name}   the shipped example photos (a fixed allow-list, read at start)
     POST /api/localize          multipart field ``file`` -> predictions, CAMs, boxes
-    GET  /openapi.json, /docs   the schema the page reads to find the endpoint and its field
+    GET  /openapi.json          the schema the page reads to find the endpoint and its field
+    GET  /docs                  the same as a plain page (apidoc.py; no CDN, no script)
 
 Every error is JSON ``{"error": "..."}`` with a 4xx status, or a 500 whose details are only logged.
+Every answer, errors and the 500 included, carries the security headers (CSP and friends): the
+``SecurityHeaders`` middleware wraps the whole application, Starlette's error handling inside it.
 Model calls hold one lock: ``inference_state`` toggles shared module flags, so two forward passes
-on one model must not overlap. Decoding and encoding run in a bounded pool of worker threads, and
-at most ``max_pending`` uploads are in flight (more get 503), which bounds the memory they hold.
+on one model must not overlap. Decoding and encoding run in a bounded pool of worker threads.
+
+Uploads in flight are bounded twice, which bounds the memory they hold and keeps slow clients
+from starving the rest. At most ``max_pending`` (64) are in flight in all, from the start of
+their body to their answer (more get 503). The bodies of at most ``max_bodies_per_client`` (8)
+uploads of one client address arrive at once; up to 64 more from that address wait for a turn
+before any slot is taken or any of their body read (for at most ``Pace.total_s``; beyond that,
+429), so a script posting 60 photos at once is served in turns. And a body that trickles in
+(``upload.Pace``) is answered 408 and its connection closed after a 5 s grace. So an address
+that opens many connections sending a byte now and then holds at most 8 of the 64 slots, each
+for about 5 s at a time, and everyone else is served. (Behind a reverse proxy every client has
+the proxy's address: give it a larger ``max_bodies_per_client``.)
 """
 
 from __future__ import annotations
@@ -18,7 +31,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +49,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gapcam import __version__, images, overlay
 from gapcam.errors import GapcamError, ImageError
 from gapcam.localizer import Localizer
-from gapcam.web import payload, schemas
-from gapcam.web.upload import UploadError, read_upload
+from gapcam.web import apidoc, payload, schemas
+from gapcam.web.upload import Pace, UploadError, read_upload
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable
@@ -50,19 +65,28 @@ COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "plasma", "cividis",
 UPLOAD_FIELD = "file"
 TOP_K = 5
 DEFAULT_MAX_PIXELS = 25_000_000
+#: uploads of one client address that may wait for a turn to send their body
+MAX_WAITING_PER_CLIENT = 64
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
     "form-action 'none'"
 )
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text}
     for code, text in {
         400: "malformed request",
-        408: "upload too slow",
+        408: "upload too slow (under the minimum rate, stalled, or over the time limit)",
         413: "upload over the size limit",
         415: "not a multipart upload",
         422: "not an image, corrupt, over the pixel limit, or bad parameters",
+        429: "too many uploads in flight from this client address; retry",
         503: "too many uploads in flight; retry",
     }.items()
 }
@@ -92,6 +116,15 @@ def default_examples_dir() -> Traversable:
     return resources.files("gapcam.web") / "examples"
 
 
+@dataclass
+class _Turns:
+    """One client address's turns to send an upload body, and how many of its uploads are
+    sending one or waiting to."""
+
+    turns: anyio.Semaphore
+    users: int = 0
+
+
 class _Service:
     """The shared state: one Localizer, its lock, the worker pool and the limits."""
 
@@ -100,10 +133,59 @@ class _Service:
         self.max_upload_bytes: int = limits["max_upload_bytes"]
         self.max_pixels: int = limits["max_pixels"]
         self.max_pending: int = limits["max_pending"]
-        self.read_timeout: float = limits["read_timeout"]
+        self.max_bodies_per_client: int = limits["max_bodies_per_client"]
+        self.pace: Pace = limits["pace"]
         self.lock = threading.Lock()
         self.workers = anyio.CapacityLimiter(limits["workers"])
-        self.pending = 0  # touched only on the event loop
+        self.pending = 0  # these two are touched only on the event loop
+        self.clients: dict[str, _Turns] = {}
+
+    @asynccontextmanager
+    async def slot(self, client: str) -> AsyncIterator[Callable[[], None]]:
+        """One of the ``max_pending`` upload slots (else UploadError 503), taken in a turn of
+        ``client`` (an address) to send a body: the bodies of at most ``max_bodies_per_client``
+        uploads of one address arrive at once, up to ``MAX_WAITING_PER_CLIENT`` more wait for
+        a turn for at most ``pace.total_s`` (else UploadError 429). Yields the function that
+        ends the turn, to call once the body is in; the slot is held to the end."""
+        mine = self.clients.setdefault(client, _Turns(anyio.Semaphore(self.max_bodies_per_client)))
+        if mine.users >= self.max_bodies_per_client + MAX_WAITING_PER_CLIENT:
+            raise UploadError(
+                429,
+                f"too many uploads from your address at once ({self.max_bodies_per_client} "
+                f"sending and {MAX_WAITING_PER_CLIENT} waiting); retry shortly",
+            )
+        mine.users += 1
+        acquired = left = False
+
+        def end_turn() -> None:
+            nonlocal left
+            if not left:
+                left = True
+                if acquired:
+                    mine.turns.release()
+                mine.users -= 1
+                if not mine.users:
+                    del self.clients[client]
+
+        try:
+            with anyio.move_on_after(self.pace.total_s):
+                await mine.turns.acquire()
+                acquired = True
+            if not acquired:
+                raise UploadError(
+                    429,
+                    f"your address's other uploads held the server for {self.pace.total_s:g} s; "
+                    "retry shortly",
+                )
+            if self.pending >= self.max_pending:
+                raise UploadError(503, "server busy: too many uploads in progress; retry shortly")
+            self.pending += 1
+            try:
+                yield end_turn
+            finally:
+                self.pending -= 1
+        finally:
+            end_turn()
 
     def localize(self, upload: Any, query: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -130,36 +212,52 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     workers: int = 2,
     max_pending: int = 64,
-    read_timeout: float = 60.0,
+    max_bodies_per_client: int = 8,
+    pace: Pace | None = None,
 ) -> FastAPI:
     """The web application around one shared ``localizer``.
 
     ``allowed_hosts``: Host header values to accept (None: any); ``gapcam serve`` passes the
     loopback names when it binds to loopback, which stops DNS-rebinding pages from using it.
+    ``pace``: how slowly an upload body may arrive (default ``Pace()``: see upload.py).
     """
-    if max_upload_bytes < 1 or max_pixels < 1 or workers < 1 or max_pending < 1:
-        raise GapcamError("create_app: limits, workers and max_pending must be positive")
+    counts = (max_upload_bytes, max_pixels, workers, max_pending, max_bodies_per_client)
+    if min(counts) < 1:
+        raise GapcamError(
+            "create_app: max_upload_bytes, max_pixels, workers, max_pending and "
+            "max_bodies_per_client must be positive"
+        )
     service = _Service(
         localizer,
         max_upload_bytes=max_upload_bytes,
         max_pixels=max_pixels,
         max_pending=max_pending,
-        read_timeout=read_timeout,
+        max_bodies_per_client=max_bodies_per_client,
+        pace=pace or Pace(),
         workers=workers,
     )
-    app = FastAPI(
+    app = _App(
         title="gapcam",
         version=__version__,
         description="Class activation maps and boxes for one uploaded image. Errors are "
         '`{"error": "..."}` with a 4xx status.',
+        docs_url=None,
         redoc_url=None,
     )
     app.state.service = service
+    app.state.allowed_hosts = allowed_hosts
     _add_error_handlers(app)
     _add_page_routes(app, _read_examples(examples_dir or default_examples_dir()))
     _add_api_routes(app, service)
-    app.add_middleware(SecurityHeaders, allowed_hosts=allowed_hosts)
     return app
+
+
+class _App(FastAPI):
+    """FastAPI with ``SecurityHeaders`` outside all of its middleware, Starlette's handling of
+    unexpected errors included, so that no answer of the app goes out without the headers."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack(), self.state.allowed_hosts)
 
 
 def _read_examples(folder: Path | Traversable) -> dict[str, bytes]:
@@ -182,6 +280,14 @@ def _add_page_routes(app: FastAPI, examples: dict[str, bytes]) -> None:
     @app.get("/", include_in_schema=False)
     def index() -> Response:
         return static("index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return Response(
+            apidoc.page(app.openapi()),
+            media_type="text/html",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str) -> Response:
@@ -253,26 +359,23 @@ def _add_api_routes(app: FastAPI, service: _Service) -> None:
         ),
     ) -> dict[str, Any]:
         """Top-5 classes of one image with the CAM and boxes of each, from one forward pass."""
-        if service.pending >= service.max_pending:
-            raise UploadError(503, "server busy: too many uploads in progress; retry shortly")
-        service.pending += 1
-        try:
+        client = request.client.host if request.client else "unknown"
+        async with service.slot(client) as end_turn:
             try:
                 upload = await read_upload(
                     dict(request.headers),
                     request.stream(),
                     field=UPLOAD_FIELD,
                     max_bytes=service.max_upload_bytes,
-                    timeout_s=service.read_timeout,
+                    pace=service.pace,
                 )
             except ClientDisconnect as exc:
                 raise UploadError(400, "the client disconnected during the upload") from exc
+            end_turn()  # the body is in: the address's next upload may send its own
             query = {"threshold": threshold, "map_size": map_size, "preview": preview}
             return await anyio.to_thread.run_sync(
                 service.localize, upload, query, limiter=service.workers
             )
-        finally:
-            service.pending -= 1
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -282,8 +385,8 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        if exc.status == 413:
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        if exc.status in (408, 413):
             headers = {"Connection": "close"}  # the rest of the body is not read
         return _error(exc.status, exc.message, headers)
 
@@ -313,8 +416,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class SecurityHeaders:
-    """Pure ASGI middleware: CSP and friends on every answer (the /docs page keeps its own),
-    and a JSON 400 for a Host header outside ``allowed_hosts`` (when given)."""
+    """Pure ASGI middleware around the whole app: CSP and friends on every answer, a JSON 400
+    for a Host header outside ``allowed_hosts`` (when given), and a JSON 500 should anything
+    inside fail without answering."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str] | None = None) -> None:
         self.app = app
@@ -324,28 +428,36 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        strict = not scope["path"].startswith("/docs")
+        started = complete = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started, complete
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+            await send(message)
+
         if self.allowed_hosts:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name not in self.allowed_hosts:
+            if name.lower() not in self.allowed_hosts:
                 shown = host[:60] or "none"
-                await self.app_error(scope, receive, send, f"Host {shown!r} is not allowed here")
+                message = (
+                    f"Host {shown!r} is not allowed here; open the address `gapcam serve` printed"
+                )
+                await _error(400, message)(scope, receive, send_with_headers)
                 return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                headers.append((b"referrer-policy", b"no-referrer"))
-                headers.append((b"x-frame-options", b"DENY"))
-                if strict:
-                    headers.append((b"content-security-policy", CSP.encode()))
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    async def app_error(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
-        response = _error(400, f"{message}; open the address `gapcam serve` printed")
-        await response(scope, receive, send)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            # Starlette's ServerErrorMiddleware has answered through `unexpected` (which logged
+            # the traceback) and re-raised for the server to log it again: once is enough
+            if complete:
+                return
+            if started:
+                raise  # half an answer is out: the server closes the connection
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            response = _error(500, "internal error while handling the request; see the server log")
+            await response(scope, receive, send_with_headers)

@@ -3,10 +3,18 @@
 Also ``running(app)``: the same server on a free loopback port in a background thread, for tests
 and notebooks. The socket is bound here, before uvicorn starts, so that a busy port is a clear
 one-line error instead of a log message from deep inside uvicorn.
+
+uvicorn runs with ``protocol.GuardedH11Protocol`` (JSON answers to malformed request heads, a
+deadline for each head), heads of at most 16 KiB, and idle keep-alive connections closed after
+5 s. It sets no ``limit_concurrency``: uvicorn counts idle and half-open connections against it
+and answers everyone else 503, which would let a client that opens connections starve the rest;
+the app bounds uploads itself (per client and in all, ``app.py``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -15,10 +23,11 @@ from contextlib import contextmanager
 from importlib import import_module
 from typing import Any
 
+from gapcam.console import safe_text
 from gapcam.errors import GapcamError
 from gapcam.web import REQUIRED_MODULES
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+KEEP_ALIVE_S = 5
 
 
 def missing_extra() -> str | None:
@@ -37,12 +46,39 @@ def missing_extra() -> str | None:
     )
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP, as ``getsockname`` gives it) is a loopback address: any of
+    127.0.0.0/8, ::1, or one of those mapped into IPv6 (::ffff:127.0.0.2)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
+def loopback_hosts(address: str) -> list[str]:
+    """The Host header names a server bound to loopback ``address`` accepts (port aside)."""
+    shown = f"[{address}]" if ":" in address else address
+    return sorted({"127.0.0.1", "localhost", "[::1]", shown})
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise GapcamError(f"--port {port}: must be from 0 to 65535 (0 picks a free one)")
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: a free one); GapcamError if it fails."""
+    check_port(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise GapcamError(f"--host {host}: cannot resolve it ({exc.strerror})") from exc
+        raise GapcamError(
+            f"--host {safe_text(host, 80)}: cannot resolve it ({exc.strerror})"
+        ) from exc
+    except (UnicodeError, ValueError) as exc:  # e.g. a name label over 63 characters
+        raise GapcamError(f"--host {safe_text(host, 80)}: not a valid host name ({exc})") from exc
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -52,7 +88,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise GapcamError(
-            f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
+            f"--host {safe_text(host, 80)} --port {port}: cannot listen there ({exc.strerror}); "
             "choose another --port (0 picks a free one)"
         ) from exc
     sock.set_inheritable(True)
@@ -62,7 +98,18 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_server(app: Any, log_level: str = "warning") -> Any:
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=5, access_log=False)
+    from gapcam.web.protocol import MAX_HEAD_BYTES, GuardedH11Protocol
+
+    # python-multipart logs a warning for each malformed body; the client's 400 says it already
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    config = uvicorn.Config(
+        app,
+        http=GuardedH11Protocol,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        log_level=log_level,
+        access_log=False,
+    )
     return uvicorn.Server(config)
 
 

@@ -270,7 +270,7 @@ def test_cli_evaluate_table_json_plot_and_skipped(tmp_path: Path) -> None:
     data = examples_csv(tmp_path, extra=f"{EXAMPLES / 'cat.png'},tabby,500,0,510,10")
     done = gapcam(
         "evaluate", str(data), "--skip-invalid", "--json", str(tmp_path / "r.json"),
-        "--plot", str(tmp_path / "r.png"), "-q",
+        "--plot", str(tmp_path / "r.png"), "-q", "--images", str(EXAMPLES),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "MaxBoxAcc" in done.stdout
@@ -282,7 +282,10 @@ def test_cli_evaluate_table_json_plot_and_skipped(tmp_path: Path) -> None:
     assert report["dataset"]["skipped"][0].startswith(f"{data}:4: ")
     assert report["metrics"]["top5_cls"] == 100.0  # a cup (top-1 may say espresso)
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
-    again = gapcam("evaluate", str(data), "--skip-invalid", "--json", str(tmp_path / "r.json"))
+    again = gapcam(
+        "evaluate", str(data), "--skip-invalid", "--json", str(tmp_path / "r.json"),
+        "--images", str(EXAMPLES),
+    )  # fmt: skip
     assert again.returncode == 2
     assert "already exists" in again.stderr
 
@@ -290,7 +293,7 @@ def test_cli_evaluate_table_json_plot_and_skipped(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_evaluate_refuses_bad_annotations(tmp_path: Path) -> None:
     data = examples_csv(tmp_path, extra=f"{EXAMPLES / 'coffee.jpg'},no such class,1,1,2,2")
-    done = gapcam("evaluate", str(data), "-q")
+    done = gapcam("evaluate", str(data), "-q", "--images", str(EXAMPLES))
     assert done.returncode == 2
     assert f"{data}:4: " in done.stderr
     assert "unknown label" in done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from gapcam import images
 from gapcam._version import __version__
+from gapcam.console import safe_text
 from gapcam.errors import ClassSelectionError, DatasetError, GapcamError
 from gapcam.eval import metrics
 from gapcam.eval.datasets import Dataset, Sample
@@ -61,15 +63,18 @@ def check_class_table(dataset: Dataset, model: GapModel) -> None:
     if not dataset.class_table or not wordnet:
         return
     wrong = [
-        f"{where}: class {index} is {wnid} here but {model.name}'s class {index} is "
-        f"{next((w for w, i in wordnet.items() if i == index), 'absent')}"
+        safe_text(
+            f"{where}: class {index} is {wnid} here but {model.name}'s class {index} is "
+            f"{next((w for w, i in wordnet.items() if i == index), 'absent')}",
+            limit=300,
+        )
         for index, wnid, where in dataset.class_table
         if wordnet.get(wnid) != index
     ]
     if wrong:
         raise DatasetError(
-            f"{dataset.source}: its class numbering differs from the model's, so its labels "
-            "would name other classes:\n  " + "\n  ".join(wrong[:10])
+            f"{safe_text(dataset.source)}: its class numbering differs from the model's, so its "
+            "labels would name other classes:\n  " + "\n  ".join(wrong[:10])
         )
 
 
@@ -124,10 +129,12 @@ def _load(sample: Sample) -> images.LoadedImage:
         loaded = images.load_image(sample.path, name=sample.name)
     except GapcamError as exc:
         raise DatasetError(
-            f"{exc} (checked when the annotations were read; changed since?)"
+            f"{safe_text(exc, limit=240)} (checked when the annotations were read; changed since?)"
         ) from exc
     if loaded.size != sample.size:
-        raise DatasetError(f"{sample.path}: now {loaded.size}, was {sample.size} when checked")
+        raise DatasetError(
+            f"{safe_text(sample.path)}: now {loaded.size}, was {sample.size} when checked"
+        )
     return loaded
 
 
@@ -167,18 +174,31 @@ def score(
 
 def load_masks(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     """The union of the foreground masks and the ignore mask (or None), at the image's size;
-    masks of another size are resized (nearest neighbour), as wsolevaluation does."""
+    masks of another size are resized (nearest neighbour), as wsolevaluation does. A mask
+    whose header declares more than ``DEFAULT_MAX_PIXELS`` pixels is refused before decoding
+    (the dataset's check found it already, unless the file changed since)."""
     from PIL import Image
 
     def read(path: Any) -> np.ndarray:
         try:
-            with Image.open(path) as image:
-                grey = image.convert("L")
-                if grey.size != sample.size:
-                    grey = grey.resize(sample.size, Image.Resampling.NEAREST)
-                return np.asarray(grey) > 0
-        except OSError as exc:
-            raise DatasetError(f"{path}: cannot read the mask ({exc})") from exc
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    width, height = image.size
+                    if width * height > images.DEFAULT_MAX_PIXELS:
+                        raise Image.DecompressionBombError(f"{width}x{height} pixels")
+                    grey = image.convert("L")
+            if grey.size != sample.size:
+                grey = grey.resize(sample.size, Image.Resampling.NEAREST)
+            return np.asarray(grey) > 0
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(
+                f"{safe_text(path)}: the mask is over the limit of "
+                f"{images.DEFAULT_MAX_PIXELS:,} pixels ({exc}); nothing of it was decoded"
+            ) from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            reason = safe_text(exc, limit=120)
+            raise DatasetError(f"{safe_text(path)}: cannot read the mask ({reason})") from exc
 
     mask = np.logical_or.reduce([read(path) for path in sample.masks])
     ignore = None if sample.ignore is None else read(sample.ignore) & ~mask

@@ -15,6 +15,44 @@ import torch
 
 from gapcam.errors import ModelError
 
+#: safetensors' names of the dtypes it stores (``tensor_header`` reports these)
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+Header = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def tensor_header(path: str | Path, label: str) -> Header:
+    """Name -> (dtype, shape) of a safetensors file, from its header alone: nothing is loaded,
+    so what the file claims can be checked before memory is given to it. safetensors refuses a
+    header over 100 MB and one whose tensors do not exactly cover the rest of the file.
+    ``label`` starts the error message (``checkpoint='run'``)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {
+                name: (
+                    handle.get_slice(name).get_dtype(),
+                    tuple(handle.get_slice(name).get_shape()),
+                )
+                for name in handle.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+            }
+    except (SafetensorError, OSError, ValueError) as exc:
+        name = Path(path).name
+        raise ModelError(f"{label}: {name} is not a readable safetensors file ({exc})") from exc
+
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from ``path`` (.safetensors, or a torch file) onto the CPU.
@@ -24,7 +62,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"weights={str(path)!r}: no such file; give a .safetensors or .pth state dict")
+        raise ModelError(
+            f"weights={str(path)!r}: no such file; give a .safetensors or .pth state dict"
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -32,7 +72,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             loaded: object = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"weights={str(path)!r}: not a valid safetensors file ({exc})") from exc
+            raise ModelError(
+                f"weights={str(path)!r}: not a valid safetensors file ({exc})"
+            ) from exc
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -71,7 +113,9 @@ def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
                 loaded = inner
                 break
     if not isinstance(loaded, Mapping) or not loaded:
-        raise ModelError(f"weights={str(path)!r}: holds no state dict (a mapping of names to tensors)")
+        raise ModelError(
+            f"weights={str(path)!r}: holds no state dict (a mapping of names to tensors)"
+        )
     state = {}
     for key, value in loaded.items():
         if not isinstance(value, torch.Tensor):

@@ -9,7 +9,9 @@ Two layouts are understood, one subfolder per class (the folder name is the clas
 Images are found recursively by suffix (``gapcam.images.IMAGE_SUFFIXES``); other files and
 folders whose name starts with a dot are ignored. Problems that make training meaningless (no
 class folders, one class, an empty class, class folders that differ between the splits) raise
-``DatasetError`` naming the folders and saying how to fix them.
+``DatasetError`` naming the folders and saying how to fix them. A folder name becomes a class
+name in the run, so it must be one (``gapcam.models.checkpoint.class_name_problem``): a name
+with a control character (a newline, an escape sequence) is refused, not rewritten.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gapcam.console import safe_text
 from gapcam.errors import DatasetError
 from gapcam.images import IMAGE_SUFFIXES
+from gapcam.models.checkpoint import MAX_CLASSES, class_name_problem
 
 VAL_NAMES = ("val", "valid", "validation")
 
@@ -50,15 +54,17 @@ def discover(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Data
     root = Path(root)
     if not root.is_dir():
         what = "is a file" if root.exists() else "no such folder"
-        raise DatasetError(f"{root}: {what}; give a folder with one subfolder of images per class")
+        raise DatasetError(
+            f"{safe_text(root)}: {what}; give a folder with one subfolder of images per class"
+        )
     train_dir = root / "train"
     val_dir = next((root / n for n in VAL_NAMES if (root / n).is_dir()), None)
     if train_dir.is_dir() and val_dir is not None:
         return _explicit_split(root, train_dir, val_dir)
     if val_dir is not None:
         raise DatasetError(
-            f"{root}: has {val_dir.name}/ but no train/; add train/<class>/ folders, or put "
-            "all classes directly under the folder for a seeded split"
+            f"{safe_text(root)}: has {val_dir.name}/ but no train/; add train/<class>/ folders, "
+            "or put all classes directly under the folder for a seeded split"
         )
     source = train_dir if train_dir.is_dir() else root
     if not 0.0 < val_fraction < 1.0:
@@ -81,7 +87,8 @@ def _explicit_split(root: Path, train_dir: Path, val_dir: Path) -> Dataset:
         if only_val:
             parts.append(f"only in {val_dir.name}/: {', '.join(only_val)}")
         raise DatasetError(
-            f"{root}: the class folders of train/ and {val_dir.name}/ differ ({'; '.join(parts)}); "
+            f"{safe_text(root)}: the class folders of train/ and {val_dir.name}/ differ "
+            f"({safe_text('; '.join(parts))}); "
             "give both splits the same class folders"
         )
     _check_classes(train_dir, train_classes)
@@ -106,7 +113,18 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
 
 
 def _check_classes(folder: Path, classes: dict[str, list[Path]]) -> None:
-    shown = str(folder)
+    shown = safe_text(folder)
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise DatasetError(
+                f"{shown}: class folder {safe_text(repr(name), limit=80)} {problem}; rename it "
+                "(the folder name is the class name)"
+            )
+    if len(classes) > MAX_CLASSES:
+        raise DatasetError(
+            f"{shown}: {len(classes):,} class folders, over the limit of {MAX_CLASSES:,}"
+        )
     if not classes:
         loose = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         hint = f" (found {len(loose)} images directly in it)" if loose else ""
@@ -137,7 +155,7 @@ def _seeded_split(
     small = [name for name, paths in classes.items() if len(paths) < 2]
     if small:
         raise DatasetError(
-            f"{folder}: class(es) with a single image: {', '.join(small)}; a seeded "
+            f"{safe_text(folder)}: class(es) with a single image: {', '.join(small)}; a seeded "
             "split needs at least 2 images per class (one for validation)"
         )
     train: list[Item] = []

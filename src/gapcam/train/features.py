@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gapcam import images
-from gapcam.console import progress_bar
+from gapcam.console import progress_bar, safe_text
 from gapcam.errors import GapcamError, OutputError
 from gapcam.models.base import GapModel, inference_state, weights_digest
 from gapcam.outputs import atomic_write, encode_npy
@@ -110,7 +110,8 @@ def pooled_features(
         try:
             data = path.read_bytes()
         except OSError as exc:
-            out.failed.append((str(path), f"{path}: cannot read the file ({exc.strerror or exc})"))
+            reason = f"{path}: cannot read the file ({exc.strerror or exc})"
+            out.failed.append((str(path), safe_text(reason, limit=300)))
             bar.update(1)
             continue
         digests[index] = digest = hashlib.sha256(data).hexdigest()
@@ -123,7 +124,7 @@ def pooled_features(
         try:
             loaded = images.load_image(path)  # read again on a miss: its own error messages
         except GapcamError as exc:
-            out.failed.append((str(path), str(exc)))
+            out.failed.append((str(path), safe_text(exc, limit=300)))
             bar.update(1)
             continue
         pending.append((index, images.resize_for_model(loaded.image, model.preprocess), digest))

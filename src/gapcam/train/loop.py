@@ -89,7 +89,11 @@ class LoopState:
         return out | {f"{prefix}optim.{k}": v for k, v in self.optimizer.items()}
 
     @classmethod
-    def restore(cls, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoopState:
+    def restore(cls, document: object, tensors: dict[str, torch.Tensor], classes: int) -> LoopState:
+        """The state a run saved: ``document`` from gapcam.json (checked here: a damaged one
+        raises a one-line TrainingError), ``tensors`` from the state file (checked by the
+        caller against the model)."""
+        document = check_phase_document(document, classes)
         state = cls(phase=str(document["phase"]))
         for key in ("epoch", "best_epoch", "since_best"):
             setattr(state, key, int(document[key]))
@@ -103,6 +107,61 @@ class LoopState:
             found = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             setattr(state, "optimizer" if part == "optim" else part, found)
         return state
+
+
+HISTORY_NUMBERS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+
+
+def check_phase_document(document: object, classes: int) -> dict[str, Any]:
+    """A phase as ``LoopState.document`` wrote it, or a TrainingError naming what is wrong."""
+
+    def refuse(what: str) -> TrainingError:
+        return TrainingError(
+            f"resume=True: gapcam.json's training phase {what}; the run folder is damaged, "
+            "start a new run (overwrite=True)"
+        )
+
+    if not isinstance(document, dict):
+        raise refuse("is not an object")
+    if document.get("phase") not in ("head", "finetune"):
+        raise refuse("has no phase 'head' or 'finetune'")
+    counts = [document.get(key) for key in ("epoch", "best_epoch", "since_best")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise refuse("has no whole epoch, best_epoch and since_best")
+    epoch, best_epoch = int(document["epoch"]), int(document["best_epoch"])
+    history = document.get("history")
+    if not isinstance(history, list) or not all(_history_row(row) for row in history):
+        raise refuse("history is not a list of epochs")
+    epochs = [row["epoch"] for row in history]  # 1, 2, ... epoch (its length first: no
+    if len(epochs) != epoch or epochs != list(range(1, epoch + 1)):  # list of a huge count)
+        raise refuse("history does not hold epochs 1 to epoch")
+    if not 1 <= best_epoch <= epoch:
+        raise refuse("best_epoch is not one of its epochs")
+    if not _is_number(document.get("best_accuracy")) or not (
+        document.get("best_loss") is None or _is_number(document.get("best_loss"))
+    ):
+        raise refuse("has no best_accuracy and best_loss")
+    if not isinstance(document.get("stopped_early"), bool):
+        raise refuse("has no stopped_early")
+    predictions = document.get("best_predictions")
+    if not isinstance(predictions, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 0 <= p < classes for p in predictions
+    ):
+        raise refuse(f"best_predictions are not class indices below {classes}")
+    return document
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _history_row(row: object) -> bool:
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("epoch"), int)
+        and not isinstance(row.get("epoch"), bool)
+        and all(_is_number(row.get(key)) for key in HISTORY_NUMBERS)
+    )
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,27 @@ The run folder (see ``gapcam.models.checkpoint``) holds ``model.safetensors`` + 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gapcam.cache import cache_dir
-from gapcam.errors import ModelError, TrainingError
+from gapcam.console import safe_text
+from gapcam.errors import DatasetError, ModelError, TrainingError
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import METADATA, read_metadata, replace_classifier
+from gapcam.models.weights import DTYPE_NAMES, FLOAT_DTYPES, Header, tensor_header
 from gapcam.train import loop as train_loop
 from gapcam.train.config import DEFAULTS, FINETUNE_EPOCHS, HEAD_EPOCHS, TrainConfig
 from gapcam.train.data import Dataset, discover
 from gapcam.train.features import Extracted, FeatureCache, model_key
 from gapcam.train.features import pooled_features as _pooled_features
-from gapcam.train.finetune import fit_last_stage, last_stage
+from gapcam.train.finetune import fit_last_stage, last_stage, stage_names
 from gapcam.train.loop import LoopState, Standardizer
 from gapcam.train.output import STATE, Echo, RunData, TrainReport, dataset_digest, write_run
 from gapcam.types import FINETUNE_MODES, OPTIMIZERS
@@ -56,20 +61,22 @@ def run_training(config: TrainConfig, echo: Echo = print, warn: Echo | None = No
     dataset = discover(config.data, settings["val_fraction"], settings["seed"])
     if previous is not None and list(previous["class_names"]) != list(dataset.class_names):
         raise TrainingError(
-            f"resume=True: the run's classes {list(previous['class_names'])} differ from the "
-            f"data's {list(dataset.class_names)}; start a new run (another out=, or "
-            "overwrite=True)"
+            f"resume=True: the run's classes {safe_text(list(previous['class_names']), 100)} "
+            f"differ from the data's {safe_text(list(dataset.class_names), 100)}; start a new "
+            "run (another out=, or overwrite=True)"
         )
     model = _backbone(settings, dataset.class_names, config.device)
     if settings["finetune"] == "last-stage":
         last_stage(model.module)  # an unknown architecture stops here, not after the head phase
+    saved = None if previous is None else _saved_state(config.out, previous, settings, model)
     counts = ", ".join(f"{n} {c['train']}/{c['val']}" for n, c in dataset.counts().items())
     echo(f"classes (train/val images): {counts}  [{dataset.layout}]")
     run = _features(config, settings, dataset, model, echo, warn)
-    if previous is not None:
-        run.phases = _restore_phases(previous, config.out)
-        run.norm = Standardizer(*_norm_tensors(config.out))
-        if previous.get("dataset", {}).get("sha256") != dataset_digest(run):
+    if previous is not None and saved is not None:
+        run.phases, run.norm = saved
+        _rescore(run, "finetune" if "finetune" in run.phases else "head")
+        recorded = previous.get("dataset")
+        if not isinstance(recorded, dict) or recorded.get("sha256") != dataset_digest(run):
             warn("note: the images changed since the run started; resuming on the current ones")
     interrupted = False
     started = time.perf_counter()
@@ -114,6 +121,7 @@ def _check_out(config: TrainConfig) -> dict[str, Any] | None:
             raise TrainingError(f"resume=True: {exc}") from exc
         if "training" not in document or not (out / STATE).is_file():
             raise TrainingError(f"resume=True: {out} has no {STATE}; it cannot be continued")
+        _check_training(document)
         return document
     if holds_run and not config.overwrite:
         raise TrainingError(
@@ -128,6 +136,42 @@ def _check_out(config: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
+def _damaged(what: str) -> TrainingError:
+    return TrainingError(
+        f"resume=True: {what}; the run folder is damaged, start a new run (overwrite=True)"
+    )
+
+
+def _check_training(document: dict[str, Any]) -> None:
+    """The ``training`` part of a run's gapcam.json (what resuming reads), checked: the
+    settings of the types ``DEFAULTS`` has, the phases an object (``LoopState.restore`` checks
+    each)."""
+    training = document["training"]
+    settings = training.get("settings") if isinstance(training, dict) else None
+    if not isinstance(settings, dict) or not isinstance(training.get("phases"), dict):
+        raise _damaged(f"{METADATA} has no training settings and phases")
+    for key, value in settings.items():
+        if key in DEFAULTS and not _setting_fits(key, value):
+            raise _damaged(f"{METADATA}'s training setting {key} is {safe_text(repr(value), 60)}")
+    if settings.get("model", document["backbone"]) != document["backbone"]:
+        raise _damaged(f"{METADATA}'s training setting model is not its backbone")
+
+
+def _setting_fits(key: str, value: object) -> bool:
+    """Whether a stored setting is one a run can have been trained with."""
+    if key in ("model", "finetune", "optimizer"):
+        return isinstance(value, str)
+    if key == "weights":
+        return value is None or (isinstance(value, str) and "\x00" not in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if key in ("batch_size", "seed"):
+        return isinstance(value, int) and (0 if key == "seed" else 1) <= value < 2**32
+    if key == "val_fraction":
+        return 0 < value < 1
+    return math.isfinite(value) and (value > 0 or key == "weight_decay")
+
+
 def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, Any]:
     stored = previous["training"]["settings"] if previous else {}
     settings = {}
@@ -138,7 +182,7 @@ def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, 
         if stored and given is not None and given != stored.get(key):
             raise TrainingError(
                 f"resume=True: {key}={given!r} differs from the run's "
-                f"{stored.get(key)}; leave it out to continue, or start a new run"
+                f"{safe_text(stored.get(key))}; leave it out to continue, or start a new run"
             )
         settings[key] = given if given is not None else stored.get(key, default)
     if settings["finetune"] not in FINETUNE_MODES:
@@ -147,8 +191,10 @@ def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, 
     if settings["optimizer"] not in OPTIMIZERS:
         raise TrainingError(f"optimizer={settings['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
     for key in ("lr", "batch_size"):
-        if not settings[key] > 0:
+        if not (settings[key] > 0 and math.isfinite(settings[key])):
             raise TrainingError(f"{key}={settings[key]:g}: must be positive")
+    if not 0 <= settings["seed"] < 2**32:
+        raise TrainingError(f"seed={settings['seed']}: use a whole number from 0 to {2**32 - 1}")
     if (config.epochs is not None and config.epochs < 1) or config.patience < 1:
         raise TrainingError(f"epochs={config.epochs} / patience={config.patience}: use >= 1")
     return settings
@@ -204,24 +250,78 @@ def _features(
         f"features: {hits + misses} images ({hits} from the cache), {seconds:.1f} s "
         f"[{settings['model']}, {model.num_features} per image]"
     )
-    _check_readable(dataset, train, val)
+    _check_readable(dataset, train, val, warn)
+    _warn_duplicates(dataset, train, val, warn)
     norm = Standardizer.fit(train.features)
     timings = {"features_s": seconds}
     return RunData(config, settings, dataset, train, val, norm, {}, timings, cache_info)
 
 
-def _check_readable(dataset: Dataset, train: Extracted, val: Extracted) -> None:
-    from gapcam.errors import DatasetError
-
+def _check_readable(dataset: Dataset, train: Extracted, val: Extracted, warn: Echo) -> None:
+    """Every class keeps a readable training image, and the validation split one image; a
+    class left without a readable validation image is a warning. Each names the files."""
     present = set(train.labels.tolist())
-    lost = [n for i, n in enumerate(dataset.class_names) if i not in present]
+    lost = [i for i in range(len(dataset.class_names)) if i not in present]
     if lost:
+        names = ", ".join(dataset.class_names[i] for i in lost)
+        failed = _failed_in(dataset.train, train.failed, set(lost))
         raise DatasetError(
-            f"{dataset.root}: no readable training image left for class(es) {', '.join(lost)} "
-            f"({len(train.failed)} unreadable images skipped); fix or replace them"
+            f"{safe_text(dataset.root)}: no readable training image left for class(es) "
+            f"{safe_text(names, 80)} (unreadable: {_files(dataset, failed)}); fix or replace them"
         )
     if len(val.labels) == 0:
-        raise DatasetError(f"{dataset.root}: no readable validation image; add some")
+        raise DatasetError(
+            f"{safe_text(dataset.root)}: no readable validation image (unreadable: "
+            f"{_files(dataset, val.failed)}); fix or replace them, or add readable ones"
+        )
+    seen = set(val.labels.tolist())
+    for index, name in enumerate(dataset.class_names):
+        failed = _failed_in(dataset.val, val.failed, {index})
+        if index not in seen and failed:
+            warn(
+                f"note: no readable validation image for class {safe_text(name, 60)} "
+                f"(unreadable: {_files(dataset, failed)}); its accuracy is not measured"
+            )
+
+
+def _failed_in(
+    items: Sequence[tuple[Path, int]], failed: Sequence[tuple[str, str]], classes: set[int]
+) -> list[tuple[str, str]]:
+    """The entries of ``failed`` (path, error) whose item is of one of ``classes``."""
+    labels = {str(path): label for path, label in items}
+    return [entry for entry in failed if labels.get(entry[0]) in classes]
+
+
+def _files(dataset: Dataset, failed: Sequence[tuple[str, str]], shown: int = 3) -> str:
+    """The first few of ``failed`` (path, error) as short paths under the dataset folder."""
+    names = [_short(dataset, Path(path)) for path, _ in failed[:shown]]
+    more = f" and {len(failed) - shown} more" if len(failed) > shown else ""
+    return (", ".join(names) or "none") + more
+
+
+def _short(dataset: Dataset, path: Path) -> str:
+    shown = path.relative_to(dataset.root) if path.is_relative_to(dataset.root) else path
+    return safe_text(shown, limit=80)
+
+
+def _warn_duplicates(dataset: Dataset, train: Extracted, val: Extracted, warn: Echo) -> None:
+    """A validation image with the same content (sha256) as a training image is named: the
+    model has seen it, so it makes the validation accuracy look better than it is."""
+    first: dict[str, Path] = {}
+    for path, digest in zip(train.paths, train.digests, strict=True):
+        first.setdefault(digest, path)
+    pairs = [
+        (path, first[digest])
+        for path, digest in zip(val.paths, val.digests, strict=True)
+        if digest in first
+    ]
+    if pairs:
+        shown = ", ".join(f"{_short(dataset, v)} = {_short(dataset, t)}" for v, t in pairs[:2])
+        more = f" and {len(pairs) - 2} more" if len(pairs) > 2 else ""
+        warn(
+            f"note: {len(pairs)} validation image(s) identical to training images ({shown}"
+            f"{more}): they flatter the validation accuracy; remove one of each pair"
+        )
 
 
 def _fit(run: RunData, model: GapModel, echo: Echo) -> None:
@@ -270,22 +370,107 @@ def _reporter(echo: Echo, quiet: bool, every: int) -> train_loop.Report:
     return report
 
 
-def _restore_phases(previous: dict[str, Any], out: Path) -> dict[str, LoopState]:
-    tensors = _state_tensors(out)
-    phases = previous["training"].get("phases", {})
-    return {name: LoopState.restore(doc, tensors) for name, doc in phases.items()}
+def _saved_state(
+    out: Path, previous: dict[str, Any], settings: dict[str, Any], model: GapModel
+) -> tuple[dict[str, LoopState], Standardizer]:
+    """The phases and the standardisation a run saved (before any feature is computed): the
+    state file's header is checked against the model first (names, dtypes, shapes), so a
+    damaged or foreign file is one line, and nothing it claims is allocated unchecked."""
+    phases = previous["training"]["phases"]
+    if (
+        not phases
+        or not set(phases) <= {"head", "finetune"}
+        or ("finetune" in phases and settings["finetune"] != "last-stage")
+    ):
+        raise _damaged(f"{METADATA} lists the training phases {safe_text(list(phases), 80)}")
+    path = out / STATE
+    try:
+        header = tensor_header(path, "resume=True")
+    except ModelError as exc:
+        raise TrainingError(str(exc)) from exc
+    problem = _state_problem(header, model, list(phases))
+    if problem:
+        raise TrainingError(
+            f"resume=True: {STATE} does not fit this run ({problem}); start a new run "
+            "(overwrite=True)"
+        )
+    tensors = _state_tensors(path)
+    restored = {}
+    for name, document in phases.items():
+        state = LoopState.restore(document, tensors, model.num_classes)
+        if state.phase != name:
+            raise _damaged(f"{METADATA}'s phase {name!r} is named {state.phase!r}")
+        restored[name] = state
+    return restored, Standardizer(tensors["norm.mean"], tensors["norm.std"])
 
 
-def _norm_tensors(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    tensors = _state_tensors(out)
-    return tensors["norm.mean"], tensors["norm.std"]
+def _state_problem(header: Header, model: GapModel, phases: list[str]) -> str:
+    """What is wrong with a state file's tensors (or ""), as ``write_run`` names them:
+    ``norm.mean/std``, ``PHASE.best.*`` and ``PHASE.last.*`` (the head, and the last stage for
+    finetune), ``PHASE.optim.INDEX.NAME`` (an optimised parameter's state, float; a parameter
+    without state is one the optimizer starts afresh, as it would have)."""
+    classes, width = model.num_classes, model.num_features
+    head: Header = {"head.weight": ("F32", (classes, width)), "head.bias": ("F32", (classes,))}
+    expected: Header = {"norm.mean": ("F32", (width,)), "norm.std": ("F32", (width,))}
+    optimised: dict[str, list[tuple[int, ...]]] = {}
+    for phase in phases:
+        tensors = dict(head)
+        shapes = [(classes, width), (classes,)]
+        if phase == "finetune":
+            state = model.module.state_dict()
+            for name in stage_names(model):
+                dtype = DTYPE_NAMES.get(state[name].dtype, str(state[name].dtype))
+                tensors[f"backbone.{name}"] = (dtype, tuple(state[name].shape))
+            prefixes = tuple(last_stage(model.module))
+            stage = model.module.named_parameters()
+            shapes = [tuple(p.shape) for n, p in stage if n.startswith(prefixes)] + shapes
+        for part in ("best", "last"):
+            expected |= {f"{phase}.{part}.{key}": value for key, value in tensors.items()}
+        optimised[phase] = shapes
+    for name, (dtype, shape) in header.items():
+        shown = safe_text(name, limit=80)
+        if name in expected:
+            wanted = expected[name]
+            if (dtype, shape) != wanted:
+                return f"{shown} is {dtype} {shape}, expected {wanted[0]} {wanted[1]}"
+            continue
+        found = re.fullmatch(r"(\w+)\.optim\.(\d+)\.(\w+)", name)
+        if not found or found.group(1) not in optimised:
+            return f"unexpected tensor {safe_text(repr(name), limit=80)}"
+        phase, index, kind = found.group(1), int(found.group(2)), found.group(3)
+        if index >= len(optimised[phase]):
+            return f"{shown}: no parameter {index} is optimised"
+        wanted_shape = () if kind == "step" else optimised[phase][index]
+        if shape != wanted_shape or dtype not in FLOAT_DTYPES:
+            return f"{shown} is {dtype} {shape}, expected a float {wanted_shape}"
+    missing = sorted(set(expected) - set(header))
+    return f"{missing[0]} is missing" if missing else ""
 
 
-def _state_tensors(out: Path) -> dict[str, torch.Tensor]:
+def _rescore(run: RunData, phase: str) -> None:
+    """The best epoch's predictions for the validation images as they are now: recomputed for
+    the head (cheap); for the fine-tuned stage they need the network, so a changed number of
+    validation images is refused."""
+    state = run.phases[phase]
+    if len(state.best_predictions) == len(run.val.labels):
+        return
+    if phase == "finetune":
+        raise TrainingError(
+            f"resume=True: {len(run.val.labels)} readable validation images now, "
+            f"{len(state.best_predictions)} when the run's best epoch was scored; restore the "
+            "images or start a new run (overwrite=True)"
+        )
+    weight, bias = state.best["head.weight"], state.best["head.bias"]
+    logits = torch.nn.functional.linear(run.norm(run.val.features), weight, bias)
+    state.best_predictions = logits.argmax(dim=1).tolist()
+
+
+def _state_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(out / STATE), device="cpu")
+        return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TrainingError(f"resume=True: cannot read {out / STATE} ({exc})") from exc
+        reason = safe_text(exc, limit=120)
+        raise TrainingError(f"resume=True: cannot read {safe_text(path)} ({reason})") from exc

@@ -15,12 +15,25 @@ several labels becomes one sample per label (``image#label``). Every problem (mi
 box outside the image, x1 < x0, unknown label, bad number, ...) is collected with its
 ``file:line``; then one ``DatasetError`` lists them all, unless ``skip_invalid`` is set: the
 affected images are then left out and the problems listed in ``Dataset.skipped``.
+
+Annotation files are untrusted text. Every path they name (an image, a mask, a VOC
+``<filename>``) must stay inside the root it is relative to: the dataset folder (the CSV's
+folder), or ``images`` when given; ``../../etc/passwd`` or an absolute path elsewhere is a
+problem like any other, and the file is never opened. The rule (``core.locate``): the path,
+resolved, lies under the resolved root, or it only descends from the root (no ``..``). So a
+symlink inside the dataset (an image folder linked from another disk) is followed: it is the
+dataset owner's choice, and annotations cannot climb out through it. Files are read with
+limits (``core.MAX_ANNOTATION_BYTES``; 1 MiB for one XML file); images and masks whose header
+declares more than ``gapcam.images.DEFAULT_MAX_PIXELS`` pixels are problems, found from the
+header alone; every listed problem is one printable line of at most ``core.MAX_PROBLEM``
+characters (``gapcam.console.safe_text``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from gapcam.console import safe_text
 from gapcam.errors import DatasetError
 from gapcam.eval.datasets.core import (
     MAX_LISTED,
@@ -57,7 +70,9 @@ def load_dataset(
     """
     source = Path(data)
     if not source.exists():
-        raise DatasetError(f"{source}: no such file or folder; give a dataset folder or CSV file")
+        raise DatasetError(
+            f"{safe_text(source)}: no such file or folder; give a dataset folder or CSV file"
+        )
     if layout not in LAYOUTS:
         raise DatasetError(f"layout={layout!r}: use one of {', '.join(LAYOUTS)}")
     chosen = detect_layout(source, split) if layout == "auto" else layout
@@ -72,7 +87,7 @@ def load_dataset(
     samples = tuple(s for image, s in checked if s is not None and image not in problems.images)
     if not samples:
         listed = "".join(f"\n  {m}" for m in problems.messages[:MAX_LISTED])
-        raise DatasetError(f"{source}: no image left to evaluate{listed}")
+        raise DatasetError(f"{safe_text(source)}: no image left to evaluate{listed}")
     return Dataset(source, chosen, samples, tuple(problems.messages), table)
 
 
@@ -86,7 +101,7 @@ def _read(
         return readers.read_wsol(folder, images or folder, problems)
     if layout == "voc":
         if not source.is_dir():
-            raise DatasetError(f"{source}: the voc layout needs a folder")
+            raise DatasetError(f"{safe_text(source)}: the voc layout needs a folder")
         return voc.read_voc(source, split, images, problems), ()
     csv_file = source if source.is_file() else _only_csv(source)
     return readers.read_csv(csv_file, images or csv_file.parent, problems), ()
@@ -107,7 +122,9 @@ def detect_layout(source: Path, split: str | None = None) -> str:
     if source.is_file():
         if source.suffix.lower() == ".csv":
             return "csv"
-        raise DatasetError(f"{source}: a file must be a .csv of path,label,x0,y0,x1,y1 rows")
+        raise DatasetError(
+            f"{safe_text(source)}: a file must be a .csv of path,label,x0,y0,x1,y1 rows"
+        )
     if (source / "image_ids.txt").is_file() or (
         split and (source / split / "image_ids.txt").is_file()
     ):
@@ -115,16 +132,17 @@ def detect_layout(source: Path, split: str | None = None) -> str:
     splits = sorted(p.parent.name for p in source.glob("*/image_ids.txt"))
     if splits:
         raise DatasetError(
-            f"{source}: wsolevaluation metadata for the splits {', '.join(splits)}; pick one "
-            "with split="
+            f"{safe_text(source)}: wsolevaluation metadata for the splits "
+            f"{safe_text(', '.join(splits))}; pick one with split="
         )
     if (source / "Annotations").is_dir() or next(source.glob("*.xml"), None) is not None:
         return "voc"
     if len(list(source.glob("*.csv"))) == 1:
         return "csv"
     raise DatasetError(
-        f"{source}: not a known layout; expected wsolevaluation metadata (image_ids.txt, "
-        "class_labels.txt, localization.txt), VOC/ImageNet XML (Annotations/ or *.xml files) "
+        f"{safe_text(source)}: not a known layout; expected wsolevaluation metadata "
+        "(image_ids.txt, class_labels.txt, localization.txt), VOC/ImageNet XML (Annotations/ "
+        "or *.xml files) "
         "or one CSV file of path,label,x0,y0,x1,y1 rows; or pass layout="
     )
 
@@ -132,5 +150,7 @@ def detect_layout(source: Path, split: str | None = None) -> str:
 def _only_csv(folder: Path) -> Path:
     found = sorted(folder.glob("*.csv"))
     if len(found) != 1:
-        raise DatasetError(f"{folder}: expected exactly one .csv file in it, found {len(found)}")
+        raise DatasetError(
+            f"{safe_text(folder)}: expected exactly one .csv file in it, found {len(found)}"
+        )
     return found[0]

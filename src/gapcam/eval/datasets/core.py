@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from gapcam.errors import GapcamError
+from gapcam.console import safe_text
+from gapcam.errors import DatasetError, GapcamError
+from gapcam.images import DEFAULT_MAX_PIXELS
 
 BoxValues = tuple[float, float, float, float]
 
@@ -18,6 +22,10 @@ BoxValues = tuple[float, float, float, float]
 Resolve = Callable[[str], int]
 
 MAX_LISTED = 25
+#: the longest line of a problem as listed (what the annotations quote in it is cut)
+MAX_PROBLEM = 300
+#: the largest annotation file read (a list, a CSV; one XML file has its own, smaller limit)
+MAX_ANNOTATION_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class Entry:
     annotations (problems are tied to it), ``name`` the sample's name, ``where`` a file:line."""
 
     image: str
-    path: Path
+    path: Path | None  # None: the annotations name a path outside the root (a problem listed)
     where: str
     name: str = ""
     label: str | None = None
@@ -85,7 +93,9 @@ class Problems:
         return [message for message, _ in self.found]
 
     def add(self, where: str, message: str, image: str | None = None) -> None:
-        self.found.append((f"{where}: {message}", image))
+        """One problem at ``where`` (file:line), listed on one printable line (``safe_text``:
+        what the annotations quote in it may hold anything)."""
+        self.found.append((safe_text(f"{where}: {message}", limit=MAX_PROBLEM), image))
         if image is not None:
             self.images.add(image)
 
@@ -95,24 +105,74 @@ class Problems:
         self.images &= images
 
     def report(self, source: Path) -> str:
-        listed = "\n  ".join(self.messages[:MAX_LISTED])
+        """The problems, one a line (the first ``MAX_LISTED``), then what to do: first and last
+        are what a one-line view of the message keeps (the command line's)."""
         extra = len(self.messages) - MAX_LISTED
-        more = f"\n  ... and {extra} more" if extra > 0 else ""
-        return (
-            f"{source}: {len(self.messages)} problem(s) in the annotations, and no metric is "
-            "reported over silently dropped images. Fix them, or pass skip_invalid=True to leave "
-            f"the affected images out (the results then list them):\n  {listed}{more}"
+        more = [f"... and {extra} more"] if extra > 0 else []
+        summary = (
+            f"{safe_text(source)}: {len(self.messages)} problem(s) in the annotations; no metric "
+            "is reported over silently dropped images: fix them, or pass skip_invalid=True to "
+            "leave the affected images out (the results then list them)"
         )
+        return "\n".join([*self.messages[:MAX_LISTED], *more, summary])
+
+
+def read_text(path: Path, limit: int = MAX_ANNOTATION_BYTES) -> str:
+    """An annotation file as text: UTF-8 (a byte-order mark allowed), at most ``limit`` bytes;
+    else a one-line DatasetError."""
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(limit + 1)
+    except OSError as exc:
+        raise DatasetError(f"{safe_text(path)}: cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > limit:
+        raise DatasetError(
+            f"{safe_text(path)}: over {limit:,} bytes; not an annotation file gapcam reads"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{safe_text(path)}: cannot read it as UTF-8 text ({exc})") from exc
+
+
+def locate(root: Path, text: str) -> Path | None:
+    """``root / text``, the file an annotation names, when it stays inside ``root``; else None.
+
+    Inside means: the path resolved (symlinks and ``..`` followed to where they really lead) is
+    under the resolved root, or ``text`` only descends from the root (no ``..``: a symlink the
+    dataset itself holds is followed, as its owner meant; annotations cannot leave the tree).
+    An absolute ``text`` counts only when it is under the root.
+    """
+    if "\x00" in text:
+        return None
+    path = root / text
+    try:
+        base = os.path.realpath(root)
+        if Path(os.path.realpath(path)).is_relative_to(base):
+            return path
+    except (OSError, ValueError):
+        return None
+    plain = ".." not in Path(text).parts
+    return (
+        path
+        if plain and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root))
+        else None
+    )
+
+
+def outside(image: str, text: str, root: Path) -> str:
+    """The problem of an annotated path (``text``, the image's own or a mask's) that leaves
+    ``root``."""
+    named = "the path" if text == image else f"path {text!r}"
+    return (
+        f"{image}: {named} leaves {root}; refused (keep paths inside it, or pass images= a "
+        "folder holding them)"
+    )
 
 
 def read_lines(path: Path) -> list[tuple[str, list[str]]]:
     """Non-blank lines of a comma-separated text file as (``file:line``, stripped fields)."""
-    from gapcam.errors import DatasetError
-
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read it as UTF-8 text ({exc})") from exc
+    text = read_text(path)
     return [
         (f"{path}:{number}", [cell.strip() for cell in line.split(",")])
         for number, line in enumerate(text.splitlines(), 1)
@@ -157,12 +217,13 @@ def validate(entry: Entry, resolve: Resolve, problems: Problems) -> Sample | Non
     if not entry.boxes and not entry.masks and entry.image not in problems.images:
         problems.add(entry.where, f"{entry.image}: no box (nor mask) for this image", entry.image)
     for mask, where in entry.masks:
-        if not mask.is_file():
-            problems.add(where, f"{entry.image}: mask file {mask} is missing", entry.image)
+        problem = mask_problem(mask)
+        if problem is not None:
+            problems.add(where, f"{entry.image}: {problem}", entry.image)
     if size is not None:
         for box, where in entry.boxes:
             check_box(box, size, where, entry.image, problems)
-    if label is None or size is None:
+    if label is None or size is None or entry.path is None:
         return None
     return Sample(
         entry.name,
@@ -189,17 +250,27 @@ def check_box(
 
 
 def image_size(entry: Entry, problems: Problems) -> tuple[int, int] | None:
-    """(width, height) from the image's header, EXIF orientation applied; None if unreadable."""
+    """(width, height) from the image's header, EXIF orientation applied; None if unreadable.
+
+    Pillow's warnings while reading a header (a decompression-bomb size, odd EXIF data) are
+    not printed: the pixel limit is checked here, and the image's own reading later names
+    anything else."""
+    if entry.path is None:
+        return None
     if not entry.path.is_file():
         problems.add(entry.where, f"{entry.image}: image file {entry.path} is missing", entry.image)
         return None
     try:
-        with Image.open(entry.path) as image:
-            raw = image.size
-            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raw, turned = _header(entry.path)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         message = f"{entry.image}: {entry.path} is not a readable image ({exc})"
         problems.add(entry.where, message, entry.image)
+        return None
+    except Image.DecompressionBombError:  # over twice Pillow's own limit
+        problems.add(entry.where, f"{entry.image}: {too_large(entry.path)}", entry.image)
+        return None
+    if raw[0] * raw[1] > DEFAULT_MAX_PIXELS:
+        problems.add(entry.where, f"{entry.image}: {too_large(entry.path, raw)}", entry.image)
         return None
     size = (raw[1], raw[0]) if turned else raw
     if entry.size is not None and entry.size != size:
@@ -211,3 +282,39 @@ def image_size(entry: Entry, problems: Problems) -> tuple[int, int] | None:
             entry.image,
         )
     return size
+
+
+def _header(path: Path, orientation: bool = True) -> tuple[tuple[int, int], bool]:
+    """(width, height) as stored, and whether the EXIF orientation turns it by 90 degrees
+    (looked up only within the pixel limit: Pillow decodes a PNG to find its EXIF)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            size = image.size
+            if not orientation or size[0] * size[1] > DEFAULT_MAX_PIXELS:
+                return size, False
+            return size, image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+def too_large(path: Path, size: tuple[int, int] | None = None) -> str:
+    """The problem of a file whose header declares more than ``DEFAULT_MAX_PIXELS`` pixels."""
+    shown = f" is {size[0]}x{size[1]} pixels," if size else ""
+    return (
+        f"{path}{shown} over the limit of {DEFAULT_MAX_PIXELS:,} pixels (decompression-bomb "
+        "guard); nothing of it was decoded"
+    )
+
+
+def mask_problem(path: Path) -> str | None:
+    """Why the mask file ``path`` cannot be used (missing, unreadable, too large), or None."""
+    if not path.is_file():
+        return f"mask file {path} is missing"
+    try:
+        size, _ = _header(path, orientation=False)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return f"mask {path} is not a readable image ({exc})"
+    except Image.DecompressionBombError:
+        return f"mask {too_large(path)}"
+    if size[0] * size[1] > DEFAULT_MAX_PIXELS:
+        return f"mask {too_large(path, size)}"
+    return None

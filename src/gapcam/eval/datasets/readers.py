@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from gapcam.console import safe_text
 from gapcam.errors import DatasetError
-from gapcam.eval.datasets.core import Entry, Problems, parse_box, parse_int, read_lines
+from gapcam.eval.datasets.core import (
+    Entry,
+    Problems,
+    locate,
+    mask_problem,
+    outside,
+    parse_box,
+    parse_int,
+    read_lines,
+    read_text,
+)
 
 CSV_HEADER = ["path", "label", "x0", "y0", "x1", "y1"]
 WSOL_REQUIRED = ("image_ids.txt", "class_labels.txt", "localization.txt")
@@ -15,21 +27,27 @@ WSOL_REQUIRED = ("image_ids.txt", "class_labels.txt", "localization.txt")
 def read_wsol(
     folder: Path, root: Path, problems: Problems
 ) -> tuple[list[Entry], tuple[tuple[int, str, str], ...]]:
-    """wsolevaluation metadata in ``folder``; image and mask paths are relative to ``root``.
+    """wsolevaluation metadata in ``folder``; image and mask paths are relative to ``root``
+    and may not leave it (``core.locate``).
 
     Returns the entries in ``image_ids.txt`` order and the class table of ``class_names.txt``
     (index, WordNet id, file:line), empty when that file is absent.
     """
     missing = [name for name in WSOL_REQUIRED if not (folder / name).is_file()]
     if missing:
-        raise DatasetError(f"{folder}: missing {', '.join(missing)} (wsolevaluation metadata)")
+        raise DatasetError(
+            f"{safe_text(folder)}: missing {', '.join(missing)} (wsolevaluation metadata)"
+        )
     entries: dict[str, Entry] = {}
     for where, cells in read_lines(folder / "image_ids.txt"):
         image = ",".join(cells)
         if image in entries:
             problems.add(where, f"{image}: listed twice (first at {entries[image].where})", image)
             continue
-        entries[image] = Entry(image, root / image, where)
+        path = locate(root, image)
+        if path is None:
+            problems.add(where, outside(image, image, root), image)
+        entries[image] = Entry(image, path, where)
     for where, cells in read_lines(folder / "class_labels.txt"):
         entry = _entry(entries, cells, 2, "path,label", where, problems)
         if entry is None:
@@ -93,15 +111,19 @@ def _add_mask(
     entry = _entry(entries, cells, 3, "path,mask,ignore", where, problems)
     if entry is None:
         return
-    entry.masks.append((root / cells[1], where))
+    mask = locate(root, cells[1])
+    if mask is None:
+        problems.add(where, outside(entry.image, cells[1], root), entry.image)
+    else:
+        entry.masks.append((mask, where))
     if cells[2]:
         if entry.ignore is not None:
             problems.add(where, f"{entry.image}: a second ignore mask", entry.image)
-        entry.ignore = root / cells[2]
-        if not entry.ignore.is_file():
-            problems.add(
-                where, f"{entry.image}: ignore mask {entry.ignore} is missing", entry.image
-            )
+        entry.ignore = locate(root, cells[2])
+        if entry.ignore is None:
+            problems.add(where, outside(entry.image, cells[2], root), entry.image)
+        elif (problem := mask_problem(entry.ignore)) is not None:
+            problems.add(where, f"{entry.image}: ignore {problem}", entry.image)
 
 
 def _class_table(path: Path, problems: Problems) -> tuple[tuple[int, str, str], ...]:
@@ -117,13 +139,14 @@ def _class_table(path: Path, problems: Problems) -> tuple[tuple[int, str, str], 
 
 
 def read_csv(path: Path, root: Path, problems: Problems) -> list[Entry]:
-    """``path,label,x0,y0,x1,y1`` rows (blank and ``#`` lines skipped, optional header)."""
+    """``path,label,x0,y0,x1,y1`` rows (blank and ``#`` lines skipped, optional header); image
+    paths are relative to ``root`` and may not leave it (``core.locate``)."""
     entries: dict[tuple[str, str], Entry] = {}
+    text = read_text(path)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as stream:
-            rows = list(enumerate(csv.reader(stream), 1))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}: cannot read it as a UTF-8 CSV file ({exc})") from exc
+        rows = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
+    except csv.Error as exc:
+        raise DatasetError(f"{safe_text(path)}: cannot read it as a CSV file ({exc})") from exc
     for number, row in rows:
         where, cells = f"{path}:{number}", [cell.strip() for cell in row]
         if not any(cells) or cells[0].startswith("#"):
@@ -137,7 +160,10 @@ def read_csv(path: Path, root: Path, problems: Problems) -> list[Entry]:
         box = parse_box(cells[2:], where, problems, image)
         entry = entries.get((image, label))
         if entry is None:
-            entry = entries[image, label] = Entry(image, root / image, where, "", label, where)
+            located = locate(root, image)
+            if located is None:
+                problems.add(where, outside(image, image, root), image)
+            entry = entries[image, label] = Entry(image, located, where, "", label, where)
         if box is not None:
             entry.boxes.append((box, where))
     return name_by_label(list(entries.values()))

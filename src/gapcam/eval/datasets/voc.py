@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
+from gapcam.console import safe_text
 from gapcam.errors import DatasetError
-from gapcam.eval.datasets.core import Entry, Problems, parse_int
+from gapcam.eval.datasets.core import Entry, Problems, parse_int, read_text
 from gapcam.eval.datasets.readers import name_by_label
 from gapcam.images import IMAGE_SUFFIXES
 
 #: Tried, in order, for an annotation whose <filename> has no suffix (ImageNet's XML).
 GUESSED_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png", ".JPG", ".PNG")
+#: the largest XML file read (a VOC or ImageNet annotation is a few kilobytes)
+MAX_XML_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -50,8 +53,12 @@ def parse_xml(path: Path) -> Node:
     parser.EndElementHandler = lambda _tag: stack.pop()
     parser.CharacterDataHandler = lambda data: stack[-1].text.append(data)
     parser.StartDoctypeDeclHandler = refuse_doctype
+    with path.open("rb") as stream:
+        data = stream.read(MAX_XML_BYTES + 1)
+    if len(data) > MAX_XML_BYTES:
+        raise ValueError(1, f"over {MAX_XML_BYTES:,} bytes; not an annotation file gapcam reads")
     try:
-        parser.Parse(path.read_bytes(), True)
+        parser.Parse(data, True)
     except expat.ExpatError as exc:
         raise ValueError(
             exc.lineno, f"not well-formed XML ({expat.ErrorString(exc.code)})"
@@ -71,12 +78,15 @@ def read_voc(
         if (annotations / "CLS-LOC" / split).is_dir():
             annotations = annotations / "CLS-LOC" / split
         elif listing.is_file():
-            wanted = {line.split()[0] for line in listing.read_text().splitlines() if line.strip()}
+            lines = read_text(listing).splitlines()
+            wanted = {line.split()[0] for line in lines if line.strip()}
         else:
-            raise DatasetError(f"split={split!r}: found neither {listing} nor CLS-LOC/{split}/")
+            raise DatasetError(
+                f"split={split!r}: found neither {safe_text(listing)} nor CLS-LOC/{split}/"
+            )
     files = sorted(p for p in annotations.rglob("*.xml") if wanted is None or p.stem in wanted)
     if not files:
-        raise DatasetError(f"{annotations}: no .xml annotation files")
+        raise DatasetError(f"{safe_text(annotations)}: no .xml annotation files")
     entries: list[Entry] = []
     for path in files:
         entries += _read_file(path, source, annotations, images, problems)
@@ -95,6 +105,11 @@ def _read_file(
         return []
     filename = root.find("filename")
     where = f"{path}:{(filename or root).line}"
+    named = filename.value() if filename else ""
+    if Path(named).is_absolute() or ".." in Path(named).parts or "\x00" in named:
+        base = images or source
+        problems.add(where, f"{image}: <filename> {named!r} leaves {base}; refused", image)
+        return []
     image_path = _find_image(
         path, filename.value() if filename else "", source, annotations, images
     )

@@ -5,6 +5,7 @@ Inputs are never overwritten; existing outputs only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -76,12 +77,25 @@ def _fill(stream: BinaryIO, data: bytes) -> None:
     stream.write(data)
 
 
+#: the longest file name most file systems take, in bytes
+NAME_BYTES = 255
+
+
+def _temp_prefix(target: Path) -> str:
+    """``.NAME.``, the start of ``target``'s temporary name: cut where the whole temporary name
+    (8 random characters and ``.tmp`` follow) would not fit in ``NAME_BYTES``."""
+    name = target.name
+    while name and len(os.fsencode(f".{name}.")) > NAME_BYTES - 12:
+        name = name[:-1]
+    return f".{name}."
+
+
 def _write_temp(target: Path, data: bytes, sync: bool = True) -> Path:
     """``data`` in a new temporary file next to ``target``, flushed to disk when ``sync``;
     removed on error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent
     )
     temp = Path(temp_name)
     try:
@@ -198,8 +212,15 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8, where a lone surrogate (a file name that is not UTF-8, as Python reads it) is
+    written as its JSON escape ``\\udcff`` instead of failing: the document stays valid UTF-8
+    and ``json.loads`` gives back the same string."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def encode_json(document: Any) -> bytes:
-    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return _utf8(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_json(document: Any, destination: str, guard: OutputGuard) -> None:
@@ -232,7 +253,7 @@ class JsonStream:
             else:
                 self.target.parent.mkdir(parents=True, exist_ok=True)
                 handle, name = tempfile.mkstemp(
-                    prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent
+                    prefix=_temp_prefix(self.target), suffix=".tmp", dir=self.target.parent
                 )
                 self.temp = Path(name)
                 self.stream = os.fdopen(handle, "wb")
@@ -243,7 +264,11 @@ class JsonStream:
             raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc
         opening = json.dumps(dict(head), indent=2, ensure_ascii=False)
         opening = opening[: opening.rfind("\n}")] + ",\n" if head else "{\n"
-        self._write(opening + '  "results": [')
+        try:
+            self._write(opening + '  "results": [')
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, result: Mapping[str, Any]) -> None:
         text = json.dumps(result, indent=2, ensure_ascii=False).replace("\n", "\n    ")
@@ -252,8 +277,8 @@ class JsonStream:
 
     def close(self, errors: list[Any]) -> None:
         listed = json.dumps(errors, indent=2, ensure_ascii=False).replace("\n", "\n  ")
-        self._write(("\n  ]" if self.count else "]") + ',\n  "errors": ' + listed + "\n}\n")
         try:
+            self._write(("\n  ]" if self.count else "]") + ',\n  "errors": ' + listed + "\n}\n")
             self.stream.flush()
             if self.target is None:
                 self.stream.seek(0)
@@ -273,16 +298,23 @@ class JsonStream:
             self.abort()
 
     def abort(self) -> None:
-        """Drop the unfinished document (nothing is left behind); a no-op after ``close``."""
-        if self.stream is not None and not self.stream.closed:
-            self.stream.close()
-        if self.temp is not None:
-            self.temp.unlink(missing_ok=True)
-            self.temp = None
+        """Drop the unfinished document: the temporary file is removed, and nothing is raised
+        (it runs while another error, a full disk or an interruption, is on its way out);
+        a no-op after ``close``."""
+        try:
+            if self.stream is not None and not self.stream.closed:
+                self.stream.close()
+        except OSError:
+            pass  # the bytes it could not flush (a full disk) belong to the dropped document
+        finally:
+            temp, self.temp = self.temp, None
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    temp.unlink(missing_ok=True)
 
     def _write(self, text: str) -> None:
         try:
-            _fill(self.stream, text.encode("utf-8"))
+            _fill(self.stream, _utf8(text))
         except OSError as exc:
             where = self.target or "a temporary file"
             raise OutputError(f"{where}: cannot write ({exc.strerror or exc})") from exc

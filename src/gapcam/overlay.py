@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -99,14 +100,31 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+#: a caption is cut to this many characters before it is measured (far more than the widest
+#: figure holds: about 28 times the font size), so any class name costs the same
+CAPTION_LIMIT = 200
+#: what would break the one line of a caption (Pillow draws a newline as a second line), shown
+#: escaped as ``gapcam.console.safe_text`` shows it; callers pass class names through that
+_BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one bounded line: line breaks and other control characters escaped
+    (``\\n``, ``\\x1b``), at most ``CAPTION_LIMIT`` characters and an ellipsis."""
+    line = _BREAKS.sub(lambda m: ascii(m.group(0))[1:-1], text[: CAPTION_LIMIT + 1])
+    return line if len(line) <= CAPTION_LIMIT else line[:CAPTION_LIMIT] + "…"
+
+
 def add_caption(image: Image.Image, text: str) -> Image.Image:
-    """Put ``text`` on a dark band above the image (the image itself is not covered)."""
+    """Put ``text`` on a dark band above the image (the image itself is not covered), on one
+    line (``_one_line``), shortened with an ellipsis to the width of the image."""
     size = max(12, round(image.width / 28))
     font = _font(size)
     band = round(size * 1.6)
     out = Image.new("RGB", (image.width, image.height + band), (20, 20, 20))
     out.paste(image, (0, band))
     draw = ImageDraw.Draw(out)
+    text = _one_line(text)
     while len(text) > 4 and draw.textlength(text, font=font) > image.width - size:
         text = text[:-2].rstrip() + "…" if not text.endswith("…") else text[:-2] + "…"
     draw.text((size // 2, (band - size) // 2), text, fill=(255, 255, 255), font=font)

@@ -33,17 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from gapcam import images
+from gapcam.console import safe_text
 from gapcam.errors import GapcamError, OutputError
 from gapcam.localizer import Localizer
 from gapcam.outputs import atomic_write, encode_image
 from gapcam.result import Result
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
+#: a path or URI is quoted whole in an error row (control characters escaped)
+PATH_LIMIT = 4096
 
 
 def list_sources(
     arguments: list[str], exclude: list[Path] | None = None
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], Sequence[str]]:
     """(paths or URIs in a stable order, problems): files, folders, globs and manifests."""
     paths: list[str] = []
     plain: list[str] = []
@@ -59,12 +62,23 @@ def list_sources(
 
 
 def _read_manifest(manifest: Path) -> list[str]:
-    lines = manifest.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise GapcamError(
+            f"{safe_text(manifest)}: cannot read the list of images ({reason or exc}); give a "
+            "UTF-8 text file with one path or URI per line"
+        ) from exc
     entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     return [e if "://" in e or Path(e).is_absolute() else str(manifest.parent / e) for e in entries]
 
 
 def _read(path: str, max_pixels: int) -> images.LoadedImage:
+    if "\x00" in path:  # a manifest line may hold anything; no file name holds a NUL
+        raise GapcamError(
+            f"{safe_text(path, PATH_LIMIT)}: not a file name (it holds a NUL character)"
+        )
     if "://" not in path:
         return images.load_image(path, max_pixels=max_pixels)
     import pyarrow.fs
@@ -74,7 +88,7 @@ def _read(path: str, max_pixels: int) -> images.LoadedImage:
         with filesystem.open_input_stream(inner) as stream:
             data = stream.read()
     except (OSError, ValueError) as exc:
-        raise GapcamError(f"{path}: cannot read ({exc})") from exc
+        raise GapcamError(f"{safe_text(path, PATH_LIMIT)}: cannot read ({safe_text(exc)})") from exc
     return images.load_image(data, name=path, max_pixels=max_pixels)
 
 

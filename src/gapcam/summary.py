@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from gapcam.console import safe_text
 from gapcam.errors import GapcamError, ModelError
+
+#: a refusal's reason is shown whole (it quotes the model name, which was built)
+REASON_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -73,22 +77,24 @@ def _architecture(name: str, cause: GapcamError) -> nn.Module:
 
 
 def format_summary(summary: Summary) -> str:
-    width = max([len(r.name) for r in summary.rows] + [5])
-    kind_width = max([len(r.kind) for r in summary.rows] + [4])
+    """The table, every name through ``safe_text`` (a timm or checkpoint module may name its
+    layers anything)."""
+    rows = [(safe_text(r.name), safe_text(r.kind), r.parameters) for r in summary.rows]
+    width = max([len(name) for name, _, _ in rows] + [5])
+    kind_width = max([len(kind) for _, kind, _ in rows] + [4])
     lines = [
-        f"{summary.model}",
+        safe_text(summary.model),
         f"{'layer':<{width}}  {'type':<{kind_width}}  {'parameters':>13}  {'share':>6}",
     ]
-    for row in summary.rows:
-        share = row.parameters / summary.total if summary.total else 0.0
-        lines.append(
-            f"{row.name:<{width}}  {row.kind:<{kind_width}}  {row.parameters:>13,}  {share:>6.1%}"
-        )
+    for name, kind, parameters in rows:
+        share = parameters / summary.total if summary.total else 0.0
+        lines.append(f"{name:<{width}}  {kind:<{kind_width}}  {parameters:>13,}  {share:>6.1%}")
     head_share = summary.head / summary.total if summary.total else 0.0
     lines += [
         f"{'total':<{width}}  {'':<{kind_width}}  {summary.total:>13,}",
-        f"classifier head ({summary.head_layers}): {summary.head:,} parameters, "
+        f"classifier head ({safe_text(summary.head_layers)}): {summary.head:,} parameters, "
         f"{head_share:.1%} of the network",
-        f"class activation maps: {'yes' if summary.cam else 'no'} ({summary.reason})",
+        f"class activation maps: {'yes' if summary.cam else 'no'} "
+        f"({safe_text(summary.reason, REASON_LIMIT)})",
     ]
     return "\n".join(lines)

@@ -11,6 +11,9 @@ from gapcam.cli import options
 from gapcam.errors import GapcamError
 from gapcam.types import DATASET_LAYOUTS
 
+#: paths the user typed are shown whole (control characters escaped)
+PATH_LIMIT = 4096
+
 EXAMPLES = """examples:
   gapcam evaluate "$GAPCAM_ILSVRC_DEV"      # the ILSVRC dev set (docs/evaluate.md)
   gapcam evaluate data/ --json eval.json --plot eval.png
@@ -62,7 +65,7 @@ def add(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 with the table printed; problems raise (the CLI prints them, exit 2)."""
-    from gapcam.console import progress_bar
+    from gapcam.console import progress_bar, safe_text
     from gapcam.eval.datasets import load_dataset
     from gapcam.eval.evaluate import check_class_table, evaluate, label_resolver
     from gapcam.eval.report import format_table
@@ -99,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise GapcamError(f"--plot: {exc}") from exc
         guard.write_bytes(Path(args.plot), figure)
-        print(f"plot: {args.plot}", file=out)
+        print(f"plot: {safe_text(args.plot, PATH_LIMIT)}", file=out)
     if args.json:
         write_json(report, args.json, guard)
         if args.json != "-":
-            print(f"json: {args.json}", file=out)
+            print(f"json: {safe_text(args.json, PATH_LIMIT)}", file=out)
     return 0

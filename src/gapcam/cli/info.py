@@ -38,10 +38,14 @@ def add(commands: Any) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from gapcam.console import safe_text
     from gapcam.models import specs
     from gapcam.models.tv import REFUSED
 
-    rows = [(s.name, s.source, "yes" if s.offline() else "no", s.note) for s in specs()]
+    rows = [
+        (safe_text(s.name), s.source, "yes" if s.offline() else "no", safe_text(s.note))
+        for s in specs()
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"{'model':<{width}}  {'source':<11}  offline  note")
     for name, source, offline, note in rows:
@@ -62,6 +66,7 @@ def run_summary(args: argparse.Namespace) -> int:
 
 
 def run_classes(args: argparse.Namespace) -> int:
+    from gapcam.console import safe_text
     from gapcam.models import build_model
 
     # the class names come with the model; other models' weights need not be downloaded
@@ -69,6 +74,6 @@ def run_classes(args: argparse.Namespace) -> int:
     aliases = model.aliases or model.class_names
     for index, (name, alias) in enumerate(zip(model.class_names, aliases, strict=True)):
         if args.grep is None or args.grep.lower() in f"{name}, {alias}".lower():
-            shown = f"{name}  ({alias})" if alias != name else name
+            shown = f"{safe_text(name)}  ({safe_text(alias)})" if alias != name else safe_text(name)
             print(f"{index:>5}  {shown}")
     return 0

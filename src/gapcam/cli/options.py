@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Collection, Iterable
 from typing import Any
+
+from gapcam.console import safe_text
 
 # Light imports only: building the parser must not import torch (``gapcam --help`` stays fast).
 from gapcam.types import (
@@ -186,7 +189,7 @@ def _streams(args: argparse.Namespace) -> int:
 _KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('([^']*)'|\"([^\"]*)\"|([\w.+-]*))")
 
 
-def flag_message(message: str, flags: set[str]) -> str:
+def flag_message(message: str, flags: Collection[str]) -> str:
     """``message`` with each ``keyword=value`` of a flag in ``flags`` (dest names) written as
     the user typed it: ``--keyword-name value`` (``name=True``: the switch ``--name``).
 
@@ -203,3 +206,42 @@ def flag_message(message: str, flags: set[str]) -> str:
         return f"--{name.replace('_', '-')} {value}".rstrip()
 
     return _KEYWORD.sub(flag, message)
+
+
+def error_text(message: str, flags: Collection[str], room: int) -> str:
+    """``message`` as a one-line report of at most ``room`` characters shows it: flags as the
+    user typed them (``flag_message``), control characters escaped (``safe_text``). A longer
+    one keeps its start (what failed) and its end (what to do), and says how much of the middle
+    it leaves out; of a huge one (a 50 MB name quoted in a message) only the ends are read."""
+    if len(message) > 4 * room:
+        start = flag_message(message[: 2 * room], flags)
+        end = flag_message(message[-2 * room :], flags)
+        hidden = len(message) - 4 * room
+    else:
+        start = end = flag_message(message, flags)
+        hidden = 0
+        shown = safe_text(start, limit=len(start))
+        if len(shown) <= room:
+            return shown
+    widest = f" ... ({len(message) + 4 * room} characters left out) ... "
+    head = _escaped(start, (room - len(widest)) * 2 // 3)
+    tail = _escaped(end[::-1], room - len(widest) - len("".join(head)))[::-1]
+    if hidden:
+        left_out = len(start) - len(head) + hidden + len(end) - len(tail)
+    else:
+        left_out = len(start) - len(head) - len(tail)
+    return f"{''.join(head)} ... ({left_out} characters left out) ... {''.join(tail)}"
+
+
+def _escaped(text: Iterable[str], budget: int) -> list[str]:
+    """The escaped characters (``safe_text``) of the longest start of ``text`` that fits in
+    ``budget`` characters, one string per character of ``text``."""
+    pieces: list[str] = []
+    used = 0
+    for char in text:
+        piece = safe_text(char)
+        if used + len(piece) > budget:
+            break
+        pieces.append(piece)
+        used += len(piece)
+    return pieces

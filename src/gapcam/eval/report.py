@@ -1,8 +1,18 @@
-"""The human summary of an evaluation report: a few aligned lines."""
+"""The human summary of an evaluation report: a few aligned lines.
+
+What came from files (the dataset path, the model's name, a checkpoint's backbone, the problems
+met in annotation files, which quote their paths and labels) is shown through ``safe_text``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from gapcam.console import safe_text
+
+#: the longest line a left-out problem is shown on (after its indent); a path is never cut
+PROBLEM_ROOM = 290
+PATH_LIMIT = 4096
 
 
 def _pct(value: float | None) -> str:
@@ -20,8 +30,8 @@ def format_table(report: dict[str, Any]) -> str:
         ]
     )
     lines = [
-        f"{data['source']} ({data['layout']}): {data['images']} images, {data['boxes']} boxes; "
-        f"{settings['model']} at {size}{views}",
+        f"{safe_text(data['source'], PATH_LIMIT)} ({data['layout']}): {data['images']} images, "
+        f"{data['boxes']} boxes; {safe_text(settings['model'])} at {size}{views}",
         f"  classification      top-1 {_pct(m['top1_cls'])}   top-5 {_pct(m['top5_cls'])}",
         f"  loc @{settings['threshold']:.2f}, IoU 0.5   GT-known {_pct(m['gt_known_loc'])}   "
         f"top-1 {_pct(m['top1_loc'])}   top-5 {_pct(m['top5_loc'])}",
@@ -47,5 +57,15 @@ def format_table(report: dict[str, Any]) -> str:
     )
     if data["skipped"]:
         lines.append(f"  LEFT OUT (--skip-invalid), {len(data['skipped'])} problem(s):")
-        lines += [f"    {message}" for message in data["skipped"]]
+        lines += [f"    {_bounded(message, PROBLEM_ROOM)}" for message in data["skipped"]]
     return "\n".join(lines)
+
+
+def _bounded(text: str, room: int) -> str:
+    """``safe_text`` of ``text`` in at most ``room`` characters, escapes included."""
+    limit = room
+    shown = safe_text(text, limit)
+    while len(shown) > room and limit > 1:  # the escapes made it longer: cut more
+        limit = max(1, limit - (len(shown) - room))
+        shown = safe_text(text, limit)
+    return shown

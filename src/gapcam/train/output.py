@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from typing import Any
 
 import torch
 
+from gapcam.console import safe_text
 from gapcam.models.base import GapModel
 from gapcam.models.checkpoint import checkpoint_files, trained_tensors
 from gapcam.models.weights import load_tensors
-from gapcam.outputs import atomic_write, atomic_write_all, encode_image
+from gapcam.outputs import NAME_BYTES, atomic_write, atomic_write_all, encode_image
 from gapcam.train.config import TrainConfig
 from gapcam.train.data import Dataset
 from gapcam.train.features import Extracted
@@ -30,6 +32,8 @@ from gapcam.train.loop import LoopState, Standardizer
 
 STATE = "train_state.safetensors"
 CURVE, CONFUSION, OVERLAYS = "curve.png", "confusion.png", "overlays"
+#: paths the user typed are shown whole (control characters escaped); an image's error is cut
+PATH_LIMIT, ERROR_LIMIT = 4096, 280
 
 Echo = Callable[[str], None]
 
@@ -188,9 +192,34 @@ def _overlays(run: RunData, model: GapModel, out: Path) -> int:
     localizer = Localizer(model=model)
     results = localizer.explain([load_image(path) for path, _ in chosen])
     for (path, label), result in zip(chosen, results, strict=True):
-        name = f"{model.class_names[label]}-{path.stem}.cam.png"
+        name = overlay_name(model.class_names[label], path.stem)
         atomic_write(out / OVERLAYS / name, encode_image(result.figure()), overwrite=True)
     return len(chosen)
+
+
+def overlay_name(class_name: str, stem: str) -> str:
+    """``CLASS-STEM.cam.png``, where a class name (which a CSV label may set to anything) can
+    neither leave the overlays folder nor break the name: control characters escaped, path
+    separators replaced by ``_``, and the whole cut to ``NAME_BYTES``."""
+    label = safe_text(class_name, NAME_BYTES).encode("utf-8", "backslashreplace").decode()
+    for separator in {"/", os.sep, os.altsep or "/"}:
+        label = label.replace(separator, "_")
+    name = f"{label}-{stem}.cam.png"
+    if _size(name) <= NAME_BYTES:
+        return name
+    label = _cut(label, NAME_BYTES // 2)
+    return f"{label}-{_cut(stem, NAME_BYTES - _size(f'{label}-.cam.png'))}.cam.png"
+
+
+def _size(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def _cut(text: str, size: int) -> str:
+    """The longest start of ``text`` of at most ``size`` bytes as a file name."""
+    while text and _size(text) > size:
+        text = text[: -max(1, (_size(text) - size) // 4)]
+    return text
 
 
 def _summary(
@@ -214,18 +243,19 @@ def _summary(
         f"{metrics['val_loss']:.3f}{stop}"
     )
     failed = run.train.failed + run.val.failed
+    out = safe_text(run.config.out, PATH_LIMIT)
     if failed:  # with quiet, this one line (echo is silent then)
-        listed = f"(listed in {run.config.out}/gapcam.json){'' if run.config.quiet else ':'}"
+        listed = f"(listed in {out}/gapcam.json){'' if run.config.quiet else ':'}"
         warn(f"skipped {len(failed)} unreadable image(s) {listed}")
         for _, error in failed[:10]:
-            echo(f"  {error}")
-    out = run.config.out
+            echo(f"  {safe_text(error, ERROR_LIMIT)}")
     echo(
         f"run: {out}/ (model.safetensors, gapcam.json, {CURVE}, {CONFUSION}, "
         f"{OVERLAYS}/ with {overlays} val overlays)"
     )
     if interrupted:
-        echo(f"continue it with: gapcam train {run.config.data} --out {out} --resume")
+        data = safe_text(run.config.data, PATH_LIMIT)
+        echo(f"continue it with: gapcam train {data} --out {out} --resume")
     echo(f"use it: gapcam localize IMAGES --checkpoint {out}")
 
 

@@ -14,13 +14,15 @@ from typing import Any
 #: the longest piece of untrusted text shown in one place (longer ones are cut, and say so)
 SAFE_TEXT_LIMIT = 200
 
-#: control characters (C0, DEL, C1) and the Unicode controls that reorder or hide text
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+#: control characters (C0, DEL, C1), the Unicode controls that reorder or hide text, and lone
+#: surrogates (file names that are not UTF-8 arrive as them; a strict stdout cannot print them)
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+)
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(match: re.Match[str]) -> str:
-    char = match.group(0)
+def _escape(char: str) -> str:
     if char in _NAMED:
         return _NAMED[char]
     code = ord(char)
@@ -29,14 +31,18 @@ def _escape(match: re.Match[str]) -> str:
 
 def safe_text(text: object, limit: int = SAFE_TEXT_LIMIT) -> str:
     """``text`` on one line, printable: control characters escaped as Python writes them
-    (``\\n``, ``\\x1b``, ``\\u202e``), and at most ``limit`` characters of it, a cut one ending
-    with how much was left out. Idempotent on its own output (backslashes are left alone)."""
+    (``\\n``, ``\\x1b``, ``\\u202e``), and at most ``limit`` characters of the result (an
+    escape is never split), a cut one ending with how much of ``text`` was left out."""
     value = str(text)
-    cut = ""
-    if len(value) > limit:
-        cut = f"... ({len(value) - limit} more characters)"
-        value = value[:limit]
-    return _UNSAFE.sub(_escape, value) + cut
+    shown: list[str] = []
+    length = 0
+    for index, char in enumerate(value[: limit + 1]):  # each shows as one character or more
+        piece = _escape(char) if _UNSAFE.match(char) else char
+        if length + len(piece) > limit:
+            return "".join(shown) + f"... ({len(value) - index} more characters)"
+        shown.append(piece)
+        length += len(piece)
+    return "".join(shown)
 
 
 def progress_bar(

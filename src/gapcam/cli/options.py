@@ -220,7 +220,7 @@ def error_text(message: str, flags: Collection[str], room: int) -> str:
     else:
         start = end = flag_message(message, flags)
         hidden = 0
-        shown = safe_text(start, limit=len(start))
+        shown = safe_text(start, limit=6 * len(start))  # escaped, never cut here
         if len(shown) <= room:
             return shown
     widest = f" ... ({len(message) + 4 * room} characters left out) ... "

@@ -113,3 +113,33 @@ def test_a_localizer_is_immutable_and_replace_makes_a_variant(tiny: GapModel) ->
     assert tiny_localizer.threshold == 0.2
     with pytest.raises(GapcamError, match=r"threshold=7\.0: must be between 0 and 1"):
         dataclasses.replace(tiny_localizer, threshold=7.0)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        # file names are never taken for keywords: values are repr()s
+        ("out=old.png: not an image", "out=old.png: not an image"),
+        ("/tmp/fm/out=old.png: not an image", "/tmp/fm/out=old.png: not an image"),
+        ("out=3.png: not an image", "out=3.png: not an image"),
+        ("out='run': is a file", "--out run: is a file"),
+        # the parser's spelling, and tuples as typed
+        ("classes=['x']: not a class", "--class x: not a class"),
+        ("scales=(0.05,): give factors", "--scales 0.05: give factors"),
+        ("scales=(1.0, 1.5) and cache=False", "--scales 1.0 1.5 and --no-cache"),
+    ],
+)
+def test_only_library_keywords_are_rewritten(message: str, expected: str) -> None:
+    flags = {"out": "--out", "classes": "--class", "scales": "--scales", "cache": "--no-cache"}
+    assert flag_message(message, flags) == expected
+
+
+def test_a_file_named_like_a_keyword_keeps_its_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "out=old.png"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["localize", str(bad), "--out", str(tmp_path / "o"), "--json", "-"]) == 1
+    captured = capsys.readouterr()
+    assert "out=old.png" in captured.err
+    assert "--out old.png" not in captured.err + captured.out

@@ -91,9 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (localize, evaluate, serve, train, info):
         command.add(commands)
     for name, subparser in commands.choices.items():
-        # what error messages may name as flags: every option the command has
-        dests = {action.dest for action in subparser._actions if action.option_strings}
-        subparser.set_defaults(flags=frozenset(dests), command=name)
+        # what error messages may name as flags: every option the command has, as spelled
+        flags = {
+            action.dest: max(action.option_strings, key=len)
+            for action in subparser._actions
+            if action.option_strings
+        }
+        subparser.set_defaults(flags=flags, command=name)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from gapcam.console import safe_text
@@ -185,13 +185,21 @@ def _streams(args: argparse.Namespace) -> int:
     return 1 if (os.cpu_count() or 1) < 2 else DEFAULT_STREAMS
 
 
-#: a keyword as the library names it in a message: ``precision='float16'``, ``top_k=3``
-_KEYWORD = re.compile(r"(?<![\w.-])([a-z][a-z0-9_]*)=('([^']*)'|\"([^\"]*)\"|([\w.+-]*))")
+#: a keyword as the library names it in a message: ``precision='float16'``, ``top_k=3``,
+#: ``overwrite=True``, ``scales=(1.0, 1.5)``, or ``checkpoint=`` alone. Values are repr()s, so
+#: a file name (``out=old.png``, ``/tmp/out=3.png``) is never taken for one.
+_KEYWORD = re.compile(
+    r"(?<![\w.\-\\~=])(?<![^=]/)([a-z][a-z0-9_]*)="  # a '/' only between keywords (model=/weights=)
+    r"(?:'([^'\n]*)'|\"([^\"\n]*)\"|(True|False|None)(?![\w.])"
+    r"|(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?![\w.])|[(\[]([^()\[\]\n]*)[)\]]|(?=[\s,;:/)]|$)())"
+)
 
 
-def flag_message(message: str, flags: Collection[str]) -> str:
-    """``message`` with each ``keyword=value`` of a flag in ``flags`` (dest names) written as
-    the user typed it: ``--keyword-name value`` (``name=True``: the switch ``--name``).
+def flag_message(message: str, flags: Collection[str] | Mapping[str, str]) -> str:
+    """``message`` with each ``keyword=value`` of a flag in ``flags`` written as the user typed
+    it: ``--keyword-name value``, ``name=True`` as the switch ``--name``, a tuple as its items.
+    ``flags``: the command's options, as dest names or as ``{dest: option string}`` (then
+    ``classes`` is written ``--class``, as the parser spells it).
 
     The library's convention, which this relies on: a message names an argument as
     ``keyword=repr(value)`` (``precision='float16'``, ``top_k=3``, ``overwrite=True``), or as
@@ -201,9 +209,13 @@ def flag_message(message: str, flags: Collection[str]) -> str:
         name = match.group(1)
         if name not in flags:
             return match.group(0)
-        value = next(g for g in match.groups()[2:] if g is not None)
-        value = "" if value == "True" else value  # overwrite=True: the switch --overwrite
-        return f"--{name.replace('_', '-')} {value}".rstrip()
+        option = flags[name] if isinstance(flags, Mapping) else f"--{name.replace('_', '-')}"
+        value = next(g for g in match.groups()[1:] if g is not None)
+        if value in ("True", "False"):
+            value = ""  # overwrite=True: the switch --overwrite
+        elif match.group(6) is not None:  # a tuple or list: its items, as typed
+            value = " ".join(item.strip(" '\"") for item in value.split(",") if item.strip())
+        return f"{option} {value}".rstrip()
 
     return _KEYWORD.sub(flag, message)
 

@@ -70,7 +70,7 @@ def run_training(config: TrainConfig, echo: Echo = print, warn: Echo | None = No
         last_stage(model.module)  # an unknown architecture stops here, not after the head phase
     saved = None if previous is None else _saved_state(config.out, previous, settings, model)
     counts = ", ".join(f"{n} {c['train']}/{c['val']}" for n, c in dataset.counts().items())
-    echo(f"classes (train/val images): {counts}  [{dataset.layout}]")
+    echo(f"classes (train/val images): {safe_text(counts, 1000)}  [{dataset.layout}]")
     run = _features(config, settings, dataset, model, echo, warn)
     if previous is not None and saved is not None:
         run.phases, run.norm = saved

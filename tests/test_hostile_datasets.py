@@ -31,11 +31,14 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def one_line(err: str) -> str:
+    """The error line; the problems it gathered may follow, indented, one safe line each."""
     assert "Traceback" not in err
     lines = err.rstrip("\n").split("\n")
-    assert len(lines) == 1, err
-    assert len(lines[0]) < 300, lines[0]
-    assert not CONTROL.search(lines[0]), lines[0]
+    assert lines[0].startswith("gapcam: error: "), err
+    assert all(line.startswith("  ") for line in lines[1:]), err
+    for line in lines:
+        assert len(line) < 300, line
+        assert not CONTROL.search(line), line
     return lines[0]
 
 
@@ -183,8 +186,9 @@ def test_evaluate_cli_lists_refused_paths_and_scores_the_rest(
     )
     code = main(["evaluate", str(csv_file), "-q"])
     assert code == 2
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"gapcam: error: {csv_file}:2: ../../../etc/passwd: the path leaves")
+    err = capsys.readouterr().err
+    line = one_line(err)
+    assert err.split("\n")[1].startswith(f"  {csv_file}:2: ../../../etc/passwd: the path leaves")
     assert line.endswith(
         "--skip-invalid to leave the affected images out (the results then list them)"
     )
@@ -298,8 +302,9 @@ def test_evaluate_cli_with_a_bomb_mask(tmp_path: Path, capsys: pytest.CaptureFix
     data = masked(tmp_path / "data", png_header(tmp_path / "bomb.png", 100_000, 100_000))
     (data / "class_names.txt").unlink()  # the helper's WordNet ids are not ImageNet's order
     assert main(["evaluate", str(data), "-q"]) == 2
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"gapcam: error: {data / 'localization.txt'}:1: images/a.png: mask ")
+    err = capsys.readouterr().err
+    line = one_line(err)
+    assert err.split("\n")[1].startswith(f"  {data / 'localization.txt'}:1: images/a.png: mask ")
     assert line.endswith("(the results then list them)")
     assert main(["evaluate", str(data), "-q", "--skip-invalid"]) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,10 @@
     └── OutputError             an output would overwrite an input or an existing file
 
 Every message names the file or argument, shows the value received and says how to fix it.
-Front ends print ``str(error)`` as one line and exit non-zero; they never show a traceback.
+Front ends print ``str(error)`` as one line and exit non-zero; they never show a traceback. An
+error that gathers several problems (``DatasetError``: every malformed annotation) keeps them in
+``details``, one printable line each, listed by front ends under the message; ``str(error)``
+holds them too, one a line, before the message.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from __future__ import annotations
 
 class GapcamError(Exception):
     """Base class of every error gapcam raises on purpose."""
+
+    def __init__(self, message: str = "", *, details: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = tuple(details)
+
+    def __str__(self) -> str:
+        return "\n".join([*self.details, self.message])
 
 
 class ImageError(GapcamError):

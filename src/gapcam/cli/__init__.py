@@ -121,7 +121,10 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.handler(args))
     except GapcamError as exc:
         room = LINE_LIMIT - len(ERROR_PREFIX)
-        print(ERROR_PREFIX + options.error_text(str(exc), args.flags, room), file=sys.stderr)
+        message = exc.message if isinstance(exc.message, str) and exc.message else str(exc)
+        print(ERROR_PREFIX + options.error_text(message, args.flags, room), file=sys.stderr)
+        for detail in exc.details:  # the problems it gathered: one line each
+            print("  " + options.error_text(detail, args.flags, room - 2), file=sys.stderr)
         return EXIT_USAGE
     except Terminated:
         print("gapcam: terminated", file=sys.stderr)

@@ -83,7 +83,7 @@ def load_dataset(
         problems.keep_only({entry.image for entry in entries})
     checked = [(entry.image, validate(entry, resolve, problems)) for entry in entries]
     if problems.messages and not skip_invalid:
-        raise DatasetError(problems.report(source))
+        raise problems.error(source)
     samples = tuple(s for image, s in checked if s is not None and image not in problems.images)
     if not samples:
         listed = "".join(f"\n  {m}" for m in problems.messages[:MAX_LISTED])

@@ -104,9 +104,9 @@ class Problems:
         self.found = [(m, i) for m, i in self.found if i is None or i in images]
         self.images &= images
 
-    def report(self, source: Path) -> str:
-        """The problems, one a line (the first ``MAX_LISTED``), then what to do: first and last
-        are what a one-line view of the message keeps (the command line's)."""
+    def error(self, source: Path) -> DatasetError:
+        """What to do, with the problems (the first ``MAX_LISTED``, one printable line each)
+        as its ``details``."""
         extra = len(self.messages) - MAX_LISTED
         more = [f"... and {extra} more"] if extra > 0 else []
         summary = (
@@ -114,7 +114,7 @@ class Problems:
             "is reported over silently dropped images: fix them, or pass skip_invalid=True to "
             "leave the affected images out (the results then list them)"
         )
-        return "\n".join([*self.messages[:MAX_LISTED], *more, summary])
+        return DatasetError(summary, details=(*self.messages[:MAX_LISTED], *more))
 
 
 def read_text(path: Path, limit: int = MAX_ANNOTATION_BYTES) -> str:

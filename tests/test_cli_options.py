@@ -123,6 +123,7 @@ def test_a_localizer_is_immutable_and_replace_makes_a_variant(tiny: GapModel) ->
         ("/tmp/fm/out=old.png: not an image", "/tmp/fm/out=old.png: not an image"),
         ("out=3.png: not an image", "out=3.png: not an image"),
         ("out='run': is a file", "--out run: is a file"),
+        ("or pass out=DIR, or", "or pass --out DIR, or"),  # a placeholder
         # the parser's spelling, and tuples as typed
         ("classes=['x']: not a class", "--class x: not a class"),
         ("scales=(0.05,): give factors", "--scales 0.05: give factors"),

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import square_image
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 import gapcam
+from gapcam import cli
 from gapcam.boxes import box_iou
 from gapcam.errors import ImageError
 from gapcam.images import LoadedImage, expand_inputs, load_image
@@ -400,3 +406,184 @@ def test_expansion_skips_the_output_folder_inside_an_input_folder(tmp_path: Path
     assert [str(relative) for _, relative in found] == ["a.png"]
     found, _ = expand_inputs([str(tmp_path)], exclude=[tmp_path])
     assert sorted(str(relative) for _, relative in found) == ["a.png", "gapcam-out/a.cam.png"]
+
+
+# -- warnings while decoding become the file's notes ---------------------------------------------
+
+#: ASCII tags that live outside the IFD entry (more than 4 bytes), one per test file
+TEXT_TAGS = (269, 270, 271, 272, 285, 305, 315, 316)
+
+
+def _bad_tag_tiff(path: Path, tags: tuple[int, ...]) -> Path:
+    """A small RGB TIFF whose ``tags`` claim a megabyte of data each: Pillow warns "Tag data
+    larger than file. Skipping tag N" for each, and still decodes the picture."""
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag in tags:
+        info[tag] = f"text of tag {tag}, long enough to be stored elsewhere"
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, "TIFF", tiffinfo=info)
+    data = bytearray(buffer.getvalue())
+    start = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[start : start + 2])[0]):
+        entry = start + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] in tags:
+            data[entry + 4 : entry + 8] = struct.pack("<I", 10**6)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _tag_note(tag: int) -> str:
+    return f"decoder warning: UserWarning: Tag data larger than file. Skipping tag {tag}"
+
+
+def test_decode_warnings_become_notes_not_stderr(tmp_path: Path) -> None:
+    path = _bad_tag_tiff(tmp_path / "tags.tif", (270,))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        loaded = load_image(path)
+        assert load_image(path.read_bytes()).notes == loaded.notes
+    assert loaded.notes == (_tag_note(270),)
+    np.testing.assert_array_equal(_pixels(loaded)[0, 0], [10, 200, 30])
+    assert shown == []  # nothing reached the usual warning display
+
+
+def test_many_warnings_are_counted_not_listed(tmp_path: Path) -> None:
+    path = _bad_tag_tiff(tmp_path / "tags.tif", TEXT_TAGS)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        notes = load_image(path).notes
+    assert notes == (
+        *(_tag_note(tag) for tag in TEXT_TAGS[: gapcam.images.WARNING_NOTES]),
+        f"{len(TEXT_TAGS) - gapcam.images.WARNING_NOTES} more decoder warnings not shown",
+    )
+
+
+def test_a_warning_made_an_error_is_the_files_error(tmp_path: Path) -> None:
+    path = _bad_tag_tiff(tmp_path / "tags.tif", (270,))
+    with pytest.raises(ImageError) as info:  # pytest runs with warnings as errors
+        load_image(path)
+    assert str(info.value) == (
+        f"{path}: cannot decode the image (UserWarning: Tag data larger than file. Skipping "
+        "tag 270)"
+    )
+
+
+def test_warnings_go_to_the_file_that_raised_them_across_threads(tmp_path: Path) -> None:
+    """Eight threads decode files with and without warnings while the main thread warns: each
+    file gets exactly its own notes, the main thread's warnings are shown as usual."""
+    paths = {}
+    for i, tag in enumerate(TEXT_TAGS):
+        paths[_bad_tag_tiff(tmp_path / f"bad{i}.tif", (tag,))] = (_tag_note(tag),)
+        clean = tmp_path / f"clean{i}.png"
+        Image.new("RGB", (8, 8)).save(clean)
+        paths[clean] = ()
+    order = list(paths) * 6
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(load_image, path) for path in order]
+            for i in range(50):
+                warnings.warn(f"main thread {i}", UserWarning, stacklevel=1)
+            notes = [future.result().notes for future in futures]
+    assert notes == [paths[path] for path in order]
+    assert [str(w.message) for w in shown] == [f"main thread {i}" for i in range(50)]
+
+
+def _old_scale_to_8bit(image: Image.Image) -> np.ndarray:
+    """The conversion as it was before it worked a block of rows at a time."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        finite = array[~np.isnan(array)]
+        top = 1.0 if finite.size and finite.max() <= 1.0 else 255.0
+    elif image.mode.startswith("I;16") or (array.size and array.max() > 255):
+        top = 65535.0
+    else:
+        top = 255.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.clip(np.nan_to_num(array) * (255.0 / top), 0, 255)
+    return scaled.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["I;16", "I-small", "I-large", "F-unit", "F-wide", "F-odd"])
+def test_wide_modes_scale_as_before_in_blocks(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    shape = (37, 53)
+    if kind == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, shape, dtype=np.uint16))
+    elif kind.startswith("I"):
+        top = 256 if kind == "I-small" else 1 << 20
+        image = Image.fromarray(rng.integers(-50, top, shape, dtype=np.int32))
+    else:
+        values = rng.random(shape, dtype=np.float32) * (1.0 if kind == "F-unit" else 300.0)
+        if kind == "F-odd":
+            values[::5, ::7] = np.nan
+            values[3, 4], values[6, 7] = np.inf, -np.inf
+        image = Image.fromarray(values)
+    monkeypatch.setattr(gapcam.images, "_SCALE_BLOCK_VALUES", 53 * 4)  # 10 blocks of 4 rows
+    loaded = load_image(image)
+    np.testing.assert_array_equal(_pixels(loaded)[..., 0], _old_scale_to_8bit(image))
+    odd = int(np.count_nonzero(~np.isfinite(np.asarray(image, dtype=np.float64))))
+    expected = (f"{odd:,} NaN or infinite pixel values, shown as 0 or clipped",) if odd else ()
+    assert loaded.notes == expected
+
+
+def test_an_all_nan_float_image_warns_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.full((4, 5), np.nan, dtype=np.float32)).save(path)
+    loaded = load_image(path)  # pytest makes any warning an error: none is raised
+    assert _pixels(loaded).max() == 0
+    assert loaded.notes == ("20 NaN or infinite pixel values, shown as 0 or clipped",)
+
+
+def test_the_cli_shows_decode_warnings_as_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _bad_tag_tiff(tmp_path / "tags.tif", (270, 305))
+    report = tmp_path / "report.json"
+    argv = ["localize", str(bad), str(bad), "--out", str(tmp_path / "out"), "--json", str(report)]
+    assert cli.main([*argv, "--no-overlay", "--backend", "eager"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["gapcam: 1 of 1 inputs done, 0 failed"]
+    assert f"  note: {_tag_note(270)}" in captured.out.splitlines()
+    (result,) = json.loads(report.read_text())["results"]
+    assert result["notes"] == [_tag_note(270), _tag_note(305)]
+
+
+@pytest.mark.slow
+def test_a_user_never_sees_a_python_warning(tmp_path: Path) -> None:
+    """With Python's default warning filters (a user's run), every file gets its notes and
+    standard error holds only the summary."""
+    first = _bad_tag_tiff(tmp_path / "first.tif", (270,))
+    second = _bad_tag_tiff(tmp_path / "second.tif", (270,))  # the same message again
+    nan = tmp_path / "nan.tif"
+    Image.fromarray(np.full((40, 50), np.nan, dtype=np.float32)).save(nan)
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gapcam",
+            "localize",
+            str(first),
+            str(second),
+            str(nan),
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            str(report),
+            "--backend",
+            "eager",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["gapcam: 3 of 3 inputs done, 0 failed"]
+    notes = [r["notes"] for r in json.loads(report.read_text())["results"]]
+    assert notes == [
+        [_tag_note(270)],
+        [_tag_note(270)],
+        ["2,000 NaN or infinite pixel values, shown as 0 or clipped"],
+    ]

@@ -4,18 +4,27 @@
 ``LoadedImage``: an RGB PIL image as the user sees it (EXIF orientation applied, alpha composited
 on white, 16-bit and float data scaled to 8 bits, first frame of multi-frame files) plus notes
 about anything it had to decide. Every failure is an ``ImageError`` naming the file.
+
+What a file claims is checked before it costs memory: its size on disk first (``os.fstat``,
+against ``max_file_bytes(max_pixels)``), then its header (``read_header``: width, height and
+how its pixels are stored, against ``max_pixels``), and only then its pixels, streamed from the
+open file. Warnings raised while one file is decoded (Pillow's "Possibly corrupt EXIF data",
+"Tag data larger than file", ...) become that file's notes (``_warnings_caught``).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,10 +38,24 @@ if TYPE_CHECKING:
 #: Default limit on decoded pixels (width * height), checked from the header before decoding.
 DEFAULT_MAX_PIXELS = 120_000_000
 
+#: A file may hold at most this many bytes per pixel it is allowed (16-bit RGBA stored without
+#: compression takes 8), plus ``FILE_SLACK_BYTES`` for metadata (EXIF, ICC profiles, thumbnails).
+#: A larger file cannot be an image within ``max_pixels``: it is refused from its size alone,
+#: before a byte of it is read (``max_file_bytes``).
+FILE_BYTES_PER_PIXEL = 8
+FILE_SLACK_BYTES = 64 << 20
+
 #: File name suffixes that folder and glob expansion treat as images.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
+
+#: warnings kept as notes per file (a broken TIFF directory can raise one per tag), and the
+#: characters kept of each
+WARNING_NOTES, WARNING_CHARACTERS = 5, 300
+
+#: rows of a 16-bit or float image converted to 8 bits at a time (float64 work: 8 bytes a value)
+_SCALE_BLOCK_VALUES = 1 << 20
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -40,6 +63,42 @@ _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+#: modes converted through a float scaling (``_scale_to_8bit``), and modes with an alpha band
+_WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image of at most ``max_pixels`` pixels."""
+    return max_pixels * FILE_BYTES_PER_PIXEL + FILE_SLACK_BYTES
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header says, read before any pixel is decoded."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decode_bytes(self) -> int:
+        """Memory that decoding the file takes at its peak, an estimate from the header alone:
+        the pixels as Pillow holds them (1, 2 or 4 bytes each), the RGB image (4: Pillow pads
+        RGB to 32 bits), and what the conversion needs on the way (alpha compositing 12 more,
+        16-bit and float scaling the 8-bit copy; 4 for any other conversion or a rotation)."""
+        stored = 1 if self.mode in ("1", "L", "P") else 2 if self.mode.startswith("I;16") else 4
+        if self.mode in _ALPHA_MODES or self.mode == "P":  # a palette may hold transparency
+            work = 12
+        elif self.mode in _WIDE_MODES:
+            work = 2
+        else:
+            work = 4
+        return self.pixels * (stored + 4 + work)
 
 
 @dataclass(frozen=True)
@@ -65,11 +124,14 @@ def load_image(
         return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return _load_file(path, name or str(path), max_pixels)
+        label = name or str(path)
+        with _open_file(path, label, max_pixels) as handle:
+            return _decode(handle, label, path, max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         if len(source) == 0:
             raise ImageError(f"{label}: empty data (0 bytes); send an image file's contents")
+        _check_file_size(len(source), label, max_pixels, "of data")
         return _decode(io.BytesIO(bytes(source)), label, None, max_pixels)
     if isinstance(source, Image.Image):
         label = name or "<PIL image>"
@@ -88,30 +150,101 @@ def load_image(
     )
 
 
-def _load_file(path: Path, label: str, max_pixels: int) -> LoadedImage:
-    if not path.exists():
-        raise ImageError(f"{label}: no such file; check the path")
-    if path.is_dir():
-        raise ImageError(f"{label}: is a folder, not an image file")
+def read_header(
+    path: str | os.PathLike[str], *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageInfo:
+    """Size and storage of an image file from its header, without decoding a pixel; a file
+    that ``load_image`` would refuse before decoding (missing, too large on disk, not an
+    image, over ``max_pixels``) raises the same ``ImageError`` here."""
+    label = name or str(path)
+    with _open_file(Path(path), label, max_pixels) as handle:
+        caught: list[Warning] = []
+        try:
+            with _warnings_caught(caught):
+                image = _open_image(handle, label, max_pixels)
+                return ImageInfo(image.width, image.height, image.mode)
+        except ImageError:
+            raise
+        except Exception as exc:
+            error = _decode_error(exc, label)
+            if error is None:
+                raise
+            raise error from exc
+
+
+@contextmanager
+def _open_file(path: Path, label: str, max_pixels: int) -> Iterator[IO[bytes]]:
+    """The file, open for reading, once its size says it can be an image within the limit.
+    It is checked through the open descriptor (no race with a rename), and opened without
+    blocking: a named pipe given as an image is refused instead of waiting for a writer."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        size = path.stat().st_size
-        if size == 0:
+        descriptor = os.open(path, flags)
+    except (OSError, ValueError) as exc:
+        raise _open_error(exc, label) from exc
+    try:
+        info = os.fstat(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{label}: is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(
+                f"{label}: not a regular file (a device, pipe or socket); give an image file"
+            )
+        if info.st_size == 0:
             raise ImageError(f"{label}: file is empty (0 bytes); it is not an image")
-        with path.open("rb") as handle:
-            data = handle.read()
-    except PermissionError as exc:
+        _check_file_size(info.st_size, label, max_pixels)
+        handle = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with handle:
+        yield handle
+
+
+def _open_error(exc: BaseException, label: str) -> ImageError:
+    """The one-line reason a path cannot be opened."""
+    if isinstance(exc, ValueError):  # os.open refuses a name holding a NUL character
+        return ImageError(f"{label}: not a file name (it holds a NUL character)")
+    assert isinstance(exc, OSError)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return ImageError(f"{label}: no such file; check the path")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError(f"{label}: is a folder, not an image file")
+    if isinstance(exc, PermissionError):
+        return ImageError(f"{label}: cannot read the file ({exc.strerror}); check its permissions")
+    return ImageError(f"{label}: cannot read the file ({_path_reason(exc)})")
+
+
+def _path_reason(exc: OSError) -> str:
+    """Why the system refused a path, in words (a symbolic link loop, a name too long, ...)."""
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link that points to itself, or a loop of links"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is longer than the system allows"
+    return exc.strerror or type(exc).__name__
+
+
+def _check_file_size(size: int, label: str, max_pixels: int, where: str = "on disk") -> None:
+    limit = max_file_bytes(max_pixels)
+    if size > limit:
         raise ImageError(
-            f"{label}: cannot read the file ({exc.strerror}); check its permissions"
-        ) from exc
-    except OSError as exc:
-        raise ImageError(f"{label}: cannot read the file ({exc})") from exc
-    return _decode(io.BytesIO(data), label, path, max_pixels)
+            f"{label}: {_bytes_text(size)} {where} is more than an image of at most "
+            f"{max_pixels:,} pixels can take ({_bytes_text(limit)}); it is not an image within "
+            "the limit (raise max_pixels= if it is one)"
+        )
+
+
+def _bytes_text(size: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size / 1e6:,.1f} MB"
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _open_unlimited(stream: io.BytesIO) -> Image.Image:
+def _open_unlimited(stream: IO[bytes]) -> Image.Image:
     """``Image.open`` without Pillow's own pixel cap (it reads only the header): gapcam checks
     ``max_pixels`` itself right after, so ``--max-pixels`` can go above Pillow's built-in limit."""
     with _PIL_LIMIT_LOCK:
@@ -123,17 +256,23 @@ def _open_unlimited(stream: io.BytesIO) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decode(stream: io.BytesIO, label: str, path: Path | None, max_pixels: int) -> LoadedImage:
+def _open_image(stream: IO[bytes], label: str, max_pixels: int) -> Image.Image:
+    """The image opened from its header, refused when it declares more than ``max_pixels``."""
+    image = _open_unlimited(stream)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} "
+            "pixels (decompression-bomb guard); shrink the image or raise max_pixels="
+        )
+    return image
+
+
+def _decode(stream: IO[bytes], label: str, path: Path | None, max_pixels: int) -> LoadedImage:
+    caught: list[Warning] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open_unlimited(stream)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels "
-                    "(decompression-bomb guard); shrink the image or raise max_pixels="
-                )
+        with _warnings_caught(caught):
+            image = _open_image(stream, label, max_pixels)
             notes: list[str] = []
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
@@ -142,15 +281,95 @@ def _decode(stream: io.BytesIO, label: str, path: Path | None, max_pixels: int) 
             rgb, more = _to_rgb(image, label)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(
-            f"{label}: too many pixels to decode safely ({exc}); shrink the image"
-        ) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{label}: not an image file, or a format Pillow cannot read") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
-    return LoadedImage(rgb, label, path, tuple(notes) + more)
+    except Exception as exc:
+        error = _decode_error(exc, label)
+        if error is None:
+            raise
+        raise error from exc
+    return LoadedImage(rgb, label, path, tuple(notes) + more + _warning_notes(caught))
+
+
+def _decode_error(exc: Exception, label: str) -> ImageError | None:
+    """The ``ImageError`` for what Pillow raised while it read a file; None for anything else
+    (a bug, to be raised as it is)."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(f"{label}: too many pixels to decode safely ({exc}); shrink the image")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError(f"{label}: not an image file, or a format Pillow cannot read")
+    if isinstance(exc, MemoryError):
+        return ImageError(f"{label}: not enough memory to decode it; lower max_pixels=")
+    if isinstance(exc, Warning):  # the warnings filters turn this warning into an error
+        return ImageError(f"{label}: cannot decode the image ({_warning_text(exc)})")
+    if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+        return ImageError(f"{label}: corrupt or truncated image ({exc})")
+    return None
+
+
+# -- warnings raised while a file is decoded become its notes -------------------------------------
+#
+# ``warnings.catch_warnings`` swaps module-wide state (the filters and ``showwarning``), so two
+# threads decoding at once would lose or swap each other's warnings. Instead one hook is put in
+# ``warnings.showwarning`` (once; again if something replaced it) and routes by thread: a
+# warning shown on a thread that is decoding a file goes to that file's list, any other goes to
+# the hook that was there before. The filters are left as the user set them: "error" still makes
+# a warning an error (the file's ``ImageError``), "ignore" drops it, and Python's default shows
+# a given message from a given line once per process. ``gapcam localize`` asks for every one
+# (``warnings.filterwarnings("always", module="PIL")``), so that each file gets its notes.
+
+_CAUGHT = threading.local()
+_HOOK_LOCK = threading.Lock()
+
+
+def _make_router(previous: Callable[..., Any]) -> Callable[..., Any]:
+    def route(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        caught = getattr(_CAUGHT, "warnings", None)
+        if caught is None:
+            previous(message, category, filename, lineno, file, line)
+        else:
+            caught.append(message if isinstance(message, Warning) else category(message))
+
+    route.gapcam_router = True  # type: ignore[attr-defined]
+    return route
+
+
+@contextmanager
+def _warnings_caught(caught: list[Warning]) -> Iterator[None]:
+    """Warnings shown on this thread inside the block go to ``caught``, not to standard error."""
+    if not getattr(warnings.showwarning, "gapcam_router", False):
+        with _HOOK_LOCK:
+            if not getattr(warnings.showwarning, "gapcam_router", False):
+                warnings.showwarning = _make_router(warnings.showwarning)
+    outer = getattr(_CAUGHT, "warnings", None)
+    _CAUGHT.warnings = caught
+    try:
+        yield
+    finally:
+        _CAUGHT.warnings = outer
+
+
+def _warning_text(warning: Warning) -> str:
+    return f"{type(warning).__name__}: {str(warning)[:WARNING_CHARACTERS]}"
+
+
+def _warning_notes(caught: Sequence[Warning]) -> tuple[str, ...]:
+    """One note per distinct warning, the first ``WARNING_NOTES`` of them and how many more.
+    Pillow's DecompressionBombWarning is dropped: gapcam's own ``max_pixels`` has decided."""
+    texts = list(
+        dict.fromkeys(
+            _warning_text(w) for w in caught if not isinstance(w, Image.DecompressionBombWarning)
+        )
+    )
+    notes = [f"decoder warning: {text}" for text in texts[:WARNING_NOTES]]
+    if len(texts) > WARNING_NOTES:
+        notes.append(f"{len(texts) - WARNING_NOTES} more decoder warnings not shown")
+    return tuple(notes)
 
 
 def _to_rgb(image: Image.Image, label: str) -> tuple[Image.Image, tuple[str, ...]]:
@@ -166,12 +385,13 @@ def _to_rgb(image: Image.Image, label: str) -> tuple[Image.Image, tuple[str, ...
     mode = oriented.mode
     if mode == "RGB":
         return oriented, tuple(notes)
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return _scale_to_8bit(oriented), tuple(notes)
+    if mode in _WIDE_MODES:
+        scaled, more = _scale_to_8bit(oriented)
+        return scaled, tuple(notes) + more
     if mode == "P" and "transparency" in oriented.info:
         oriented = oriented.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in _ALPHA_MODES:
         rgba = oriented.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB"), tuple(notes)
@@ -181,17 +401,45 @@ def _to_rgb(image: Image.Image, label: str) -> tuple[Image.Image, tuple[str, ...
         raise ImageError(f"{label}: cannot convert image mode {mode!r} to RGB ({exc})") from exc
 
 
-def _scale_to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer and float grayscale to 8-bit RGB, keeping the full range."""
-    array = np.asarray(image, dtype=np.float64)
+def _scale_to_8bit(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
+    """16-bit / 32-bit integer and float grayscale to 8-bit RGB, keeping the full range.
+
+    Float maps 0..1 (or 0..255 when any value is above 1) and integers 0..255 (0..65535 when
+    any value is above 255, and always for 16-bit modes) to 0..255; NaN becomes 0, infinities
+    the ends of the range. Done a block of rows at a time, so the float64 work stays small
+    whatever the image's size."""
+    width, height = image.size
+    rows = max(1, _SCALE_BLOCK_VALUES // max(1, width))
+    blocks = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def block(top: int, bottom: int, dtype: Any = None) -> np.ndarray:
+        return np.asarray(image.crop((0, top, width, bottom)), dtype=dtype)
+
+    notes: tuple[str, ...] = ()
     if image.mode == "F":
-        top = 1.0 if array.size and np.nanmax(array) <= 1.0 else 255.0
-    elif image.mode.startswith("I;16") or (array.size and array.max() > 255):
-        top = 65535.0
+        peak, odd = -np.inf, 0
+        for top, bottom in blocks:
+            values = block(top, bottom)
+            finite = np.isfinite(values)
+            odd += values.size - int(np.count_nonzero(finite))
+            if values.size:
+                peak = max(peak, float(np.fmax.reduce(values, axis=None)))  # NaN left out
+        scale = 1.0 if width * height and peak <= 1.0 else 255.0
+        if odd:
+            notes = (f"{odd:,} NaN or infinite pixel values, shown as 0 or clipped",)
+    elif image.mode.startswith("I;16"):
+        scale = 65535.0
     else:
-        top = 255.0
-    scaled = np.clip(np.nan_to_num(array) * (255.0 / top), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(scaled).convert("RGB")
+        peak_int = max((int(block(t, b).max()) for t, b in blocks if b > t), default=0)
+        scale = 65535.0 if peak_int > 255 else 255.0
+    out = np.empty((height, width), dtype=np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):  # infinities scale to +-inf, then clip
+        for top, bottom in blocks:
+            values = np.nan_to_num(block(top, bottom, np.float64), copy=False)
+            values *= 255.0 / scale
+            np.clip(values, 0, 255, out=values)
+            out[top:bottom] = np.round(values, out=values)
+    return Image.fromarray(out).convert("RGB"), notes
 
 
 def _array_to_pil(array: Any, label: str) -> Image.Image:
@@ -281,61 +529,147 @@ def to_tensor(arrays: Sequence[np.ndarray], preprocess: Preprocess) -> torch.Ten
     return batch.sub_(mean).div_(std)
 
 
+class InputProblem(str):
+    """What ``expand_inputs`` says about one path it could not use: the message itself (the
+    path, then the reason), with ``path`` the path as given or found."""
+
+    path: str
+
+    def __new__(cls, path: str, reason: str) -> InputProblem:
+        problem = super().__new__(cls, f"{path}: {reason}")
+        problem.path = path
+        return problem
+
+
 def expand_inputs(
     arguments: Sequence[str], exclude: Sequence[Path] = ()
-) -> tuple[list[tuple[Path, Path]], list[str]]:
+) -> tuple[list[tuple[Path, Path]], list[InputProblem]]:
     """Expand files, folders (recursively) and globs into image paths.
 
     Returns ``(found, problems)`` where ``found`` holds ``(path, relative_name)`` pairs in a
     stable order (the relative name mirrors the folder structure under a folder argument) and
-    ``problems`` holds one message per argument that matched nothing. Folder and glob
-    expansion skips anything under an ``exclude`` folder (the run's own output folder, so a
-    second run over ``.`` does not read the first run's overlays).
+    ``problems`` holds one message per argument that matched nothing, and per path that could
+    not be examined (a symbolic link loop, no permission, a path longer than the system
+    allows, a subfolder that cannot be listed): each names its path, and the rest goes on.
+    Folder and glob expansion skips anything under an ``exclude`` folder (the run's own output
+    folder, so a second run over ``.`` does not read the first run's overlays).
     """
     import glob
 
     found: list[tuple[Path, Path]] = []
-    problems: list[str] = []
+    problems: list[InputProblem] = []
     seen: set[Path] = set()
-    excluded = [folder.resolve() for folder in exclude]
+    reported: set[Path] = set()
+    excluded = [_real(folder) for folder in exclude]
 
     def outside(path: Path, base: Path) -> bool:
         """Not under an excluded folder that lies strictly inside the argument's base folder
         (``--out`` equal to the input folder, or above it, excludes nothing)."""
-        resolved, root = path.resolve(), base.resolve()
+        resolved, root = _real(path), _real(base)
         return not any(
             resolved.is_relative_to(folder) and folder != root and folder.is_relative_to(root)
             for folder in excluded
         )
 
     def add(path: Path, relative: Path) -> None:
-        key = path.resolve()
+        key = _real(path)
         if key not in seen:
             seen.add(key)
             found.append((path, relative))
 
     for argument in arguments:
         path = Path(argument)
-        if path.is_dir():
-            members = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and outside(p, path)
+        try:
+            folder: bool | None = stat.S_ISDIR(os.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            folder = None  # nothing there: a glob, or a missing file reported when it is read
+        except (OSError, ValueError) as exc:
+            problems.append(InputProblem(argument, _cannot_read(exc)))
+            continue
+        if folder:
+            members, trouble = _walk(path)
+            members = sorted(m for m in members if outside(m, path))
+            # what lies inside the output folder is skipped, its problems as its images
+            trouble = sorted(
+                (t for t in trouble if outside(Path(t.path), path)), key=lambda t: t.path
             )
-            if not members:
-                problems.append(f"{argument}: folder holds no image files ({_suffix_list()})")
+            for problem in trouble:
+                if _real(Path(problem.path)) not in reported:  # two arguments reach one folder
+                    reported.add(_real(Path(problem.path)))
+                    problems.append(problem)
+            if not members and not trouble:
+                problems.append(
+                    InputProblem(argument, f"folder holds no image files ({_suffix_list()})")
+                )
             for member in members:
                 add(member, member.relative_to(path))
-        elif path.exists() or not glob.has_magic(argument):
+        elif folder is not None or not glob.has_magic(argument):
             add(path, Path(path.name))  # a missing file is reported when it is read
         else:
-            matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
-            files = [m for m in matches if m.is_file() and outside(m, _glob_base(argument))]
+            try:
+                matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
+            except RecursionError:
+                problems.append(
+                    InputProblem(argument, "pattern reaches folders nested too deep to search")
+                )
+                continue
+            files = []
+            for match in matches:
+                try:
+                    regular = stat.S_ISREG(os.stat(match).st_mode)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # a dangling link, or gone since it was listed
+                except OSError as exc:
+                    problems.append(InputProblem(str(match), _cannot_read(exc)))
+                    continue
+                if regular and outside(match, _glob_base(argument)):
+                    files.append(match)
             if not files:
-                problems.append(f"{argument}: pattern matched no files")
+                problems.append(InputProblem(argument, "pattern matched no files"))
             for match in files:
                 add(match, Path(match.name))
     return found, problems
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[InputProblem]]:
+    """The image files under ``folder`` (links to folders are not followed, as in
+    ``Path.rglob``), and a problem for each folder that cannot be listed and each image file
+    that cannot be examined. Iterative: any depth, no recursion limit."""
+    files: list[Path] = []
+    problems: list[InputProblem] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            reason = f"cannot list this folder ({_path_reason(exc)}); its images are left out"
+            problems.append(InputProblem(str(current), reason))
+            continue
+        for entry in entries:
+            path = current / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                    files.append(path)
+            except OSError as exc:
+                problems.append(InputProblem(str(path), _cannot_read(exc)))
+    return files, problems
+
+
+def _cannot_read(exc: BaseException) -> str:
+    if isinstance(exc, ValueError):
+        return "not a file name (it holds a NUL character)"
+    assert isinstance(exc, OSError)
+    hint = "; check its permissions" if isinstance(exc, PermissionError) else ""
+    return f"cannot read this path ({_path_reason(exc)}){hint}"
+
+
+def _real(path: Path) -> Path:
+    """The path with every link resolved, as far as it resolves (a loop is left as it is)."""
+    return Path(os.path.realpath(path))
 
 
 def _glob_base(pattern: str) -> Path:

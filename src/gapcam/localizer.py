@@ -25,7 +25,7 @@ from gapcam.backends import Backend, check_device, make_backend
 from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
-from gapcam.result import KEEP_MAPS_PIXELS, Result, normalized_maps
+from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, scale_boxes
 from gapcam.types import (
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
@@ -42,6 +42,10 @@ from gapcam.types import (
 #: grid that covers 352 px) and upsampling it over the input would misplace cells by up to half
 #: a cell.
 FEATURE_STRIDE = 32
+
+#: The largest side of the network's input, views (``scales``) included: the input and the
+#: activations grow with its square (input_size=40000 would ask for 19 GB for the input alone).
+MAX_INPUT_SIDE = 2048
 
 
 def view_options(
@@ -162,6 +166,7 @@ class Localizer:
         )
         setattr_(self, "_model", model)
         setattr_(self, "model", model)  # a variant made with dataclasses.replace reuses it
+        self._check_view_sizes()
         if device is not None and device != model.device:
             model.module.to(device)  # asked for explicitly: a given model moves too
         threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
@@ -198,6 +203,11 @@ class Localizer:
             raise GapcamError(
                 f"input_size={size!r}: give one side or (height, width) in pixels, at least 8"
             )
+        if sides is not None and max(sides) > MAX_INPUT_SIDE:
+            raise GapcamError(
+                f"input_size={size!r}: at most {MAX_INPUT_SIDE} pixels a side (the memory of a "
+                "forward pass grows with its square)"
+            )
         if sides is not None and any(side % FEATURE_STRIDE for side in sides):
             near = sorted({_stride_multiple(side) for side in sides})
             raise GapcamError(
@@ -209,6 +219,22 @@ class Localizer:
             raise GapcamError(
                 f"scales={self.scales!r}: give one or more factors of the input size, "
                 "between 0.1 and 8, e.g. (1.0, 1.5)"
+            )
+
+    def _check_view_sizes(self) -> None:
+        """Every view's input within ``MAX_INPUT_SIDE`` (scales multiply the input size)."""
+        height, width = max((view.size for view, _ in self.views()), key=max)
+        if max(height, width) > MAX_INPUT_SIDE and self.scales == (1.0,):
+            raise GapcamError(
+                f"the model's input is {height}x{width} pixels, over {MAX_INPUT_SIDE} a side; "
+                "give a smaller input_size="
+            )
+        if max(height, width) > MAX_INPUT_SIDE:
+            base = "x".join(map(str, self.preprocess.size))
+            raise GapcamError(
+                f"scales= up to {max(self.scales)}: the largest view would be {height}x{width} "
+                f"pixels (input {base} times {max(self.scales)}), over {MAX_INPUT_SIDE} a side; "
+                "lower the largest scale or input_size="
             )
 
     @property
@@ -392,13 +418,19 @@ class Localizer:
 
         width, height = item.size
         _, region = images.fit_region(width, height, preprocess)
-        normalized = normalized_maps(low, (height, width), region, settings)
+        size, full = map_size(width, height), (height, width)
+        box_maps = normalized_maps(low, size, region, settings)
+        kept = None
+        if width * height <= KEEP_MAPS_PIXELS:
+            kept = box_maps if size == full else normalized_maps(low, full, region, settings)
         low_np = low[0].cpu().numpy()
         maps = tuple(
             ClassMap(
                 prediction=prediction(int(c)),
                 low_res=low_np[j],
-                boxes=boxes_from_map(normalized[j], self.threshold, self.min_area),
+                boxes=scale_boxes(
+                    boxes_from_map(box_maps[j], self.threshold, self.min_area), size, full
+                ),
                 raw_min=float(low_np[j].min()),
                 raw_max=float(low_np[j].max()),
             )
@@ -413,6 +445,7 @@ class Localizer:
             region=region,
             path=item.path,
             notes=item.notes,
-            kept_maps=normalized if width * height <= KEEP_MAPS_PIXELS else None,
+            kept_maps=kept,
+            box_maps=box_maps,
             map_device=str(low.device),
         )

@@ -5,7 +5,8 @@ thread, rendering/encoding/writing on worker threads, bounded queues everywhere.
           -> [writers: overlay, encode, atomic write] -> documents, in input order
 
 At most ``window`` items wait at each stage, so memory stays flat however many images there
-are. Decoding (libjpeg/zlib), resizing, ONNX Runtime and PNG encoding release the GIL, so
+are; and a ``MemoryBudget`` admits images by what their headers say they will cost, so it stays
+bounded whatever size the images are. Decoding (libjpeg/zlib), resizing, ONNX Runtime and PNG encoding release the GIL, so
 threads run them in parallel. With the ONNX backend two *streams* (inference threads, each
 with half of the cores for ONNX Runtime) explain alternate batches: while one runs its forward
 pass, the other resizes its inputs and turns its features into CAMs and boxes, work that would
@@ -34,6 +35,35 @@ R = TypeVar("R")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 #: freed memory kept by the allocator before it is returned to the OS (bounded by the peak)
 KEEP_FREED_BYTES = 1 << 30
+
+
+#: Bytes that images in flight (decoded, mapped, drawn) may take at once, by default: a setting
+#: (``gapcam localize --memory-budget``), never derived from the inputs (docs/speed.md, "Memory").
+DEFAULT_MEMORY_BUDGET = 2 << 30
+
+
+class MemoryBudget:
+    """Bytes promised to the images in flight, against ``capacity``. An image is admitted when
+    it ``fits``: when the images before it leave room for it, or when nothing else is in
+    flight (so one image larger than the whole budget still runs, alone). Used by one thread,
+    the one that schedules the pipeline; ``peak`` is the most promised at once."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise GapcamError(f"memory_budget={capacity!r}: give a positive number of bytes")
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0
+
+    def fits(self, cost: int) -> bool:
+        return self.used == 0 or self.used + cost <= self.capacity
+
+    def take(self, cost: int) -> None:
+        self.used += cost
+        self.peak = max(self.peak, self.used)
+
+    def release(self, cost: int) -> None:
+        self.used -= cost
 
 
 def default_workers() -> int:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from gapcam.cli import options
+from gapcam.console import safe_text
 from gapcam.errors import GapcamError
 from gapcam.types import OVERLAY_FORMATS
 
@@ -21,6 +25,14 @@ if TYPE_CHECKING:
 
 #: progress bars only for runs of more inputs than this
 PROGRESS_AFTER = 3
+
+#: ``--memory-budget`` by default, as it is written (``gapcam.pipeline.DEFAULT_MEMORY_BUDGET``)
+DEFAULT_BUDGET = "2G"
+#: file names and paths are shown whole (control characters escaped) up to this length
+PATH_LIMIT = 4096
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 EXAMPLES = """examples:
   gapcam localize examples/cat.png
@@ -109,10 +121,37 @@ def add(commands: Any) -> None:
         help="refuse images with more pixels (decompression-bomb guard)",
     )
     p.add_argument(
+        "--memory-budget",
+        type=memory_size,
+        default=DEFAULT_BUDGET,
+        metavar="SIZE",
+        help="memory the images in flight may take at once, e.g. 512M, 4G (default: "
+        "%(default)s); a larger image waits for the ones before it, and runs alone",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (never inputs)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
     p.set_defaults(handler=run)
+
+
+def memory_size(text: str) -> int:
+    """``--memory-budget``: bytes from ``512M``, ``1.5G``, ``4GB``, ``2GiB``, ``800`` (MB)."""
+    match = _SIZE.fullmatch(text)
+    size = round(float(match.group(1)) * _UNITS[match.group(2).lower()]) if match else 0
+    if size < 1 << 20:
+        raise argparse.ArgumentTypeError(
+            f"{safe_text(text, 40)} is not a size of at least 1M; give e.g. 512M or 4G"
+        )
+    return size
+
+
+def error_line(message: str, flags: Collection[str]) -> str:
+    """One failure as the one line it is printed on: flags as typed, escaped, bounded."""
+    from gapcam.cli import LINE_LIMIT
+
+    prefix = "error: "
+    return prefix + options.error_text(message, flags, LINE_LIMIT - len(prefix))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,13 +198,15 @@ def _run_local(args: argparse.Namespace) -> int:
     sink: JsonStream | None = None
     progress: Any = None
     done = 0
-    failed = [(p.split(":", 1)[0], p) for p in problems]
+    failed = [(problem.path, str(problem)) for problem in problems]
+    # a warning while a file is decoded becomes a note of that file (gapcam.images), each time
+    warnings.filterwarnings("always", module=r"PIL(\.|$)")
     try:
         # results are streamed into --json as they finish; an existing FILE stops the run here
         head = batch.run_head(localizer, args.weights, args.classes, args.top_k)
         sink = JsonStream(args.json, head, guard) if args.json else None
         for message in problems:
-            print(f"error: {message}", file=sys.stderr)
+            print(error_line(message, args.flags), file=sys.stderr)
         progress = progress_bar(len(found), quiet=args.quiet, after=PROGRESS_AFTER)
 
         def on_result(result: Result, document: dict[str, Any]) -> None:
@@ -179,9 +220,8 @@ def _run_local(args: argparse.Namespace) -> int:
 
         def on_error(name: str, message: str) -> None:
             progress.update(1)
-            message = options.flag_message(message, args.flags)
-            failed.append((name, message))
-            print(f"error: {message}", file=sys.stderr)
+            failed.append((name, options.flag_message(message, args.flags)))
+            print(error_line(message, args.flags), file=sys.stderr)
 
         targets = batch.unique_targets([relative for _, relative in found])
         batch.localize_files(
@@ -197,6 +237,7 @@ def _run_local(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             workers=args.workers,
             batch_size=args.batch_size,
+            memory_budget=args.memory_budget,
         )
         if sink is not None:
             sink.close([{"input": name, "error": message} for name, message in failed])
@@ -245,9 +286,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         actors=args.workers,
         batch_size=args.batch_size,
         quiet=args.quiet,
-        on_error=lambda message: print(
-            f"error: {options.flag_message(message, args.flags)}", file=sys.stderr
-        ),
+        on_error=lambda message: print(error_line(message, args.flags), file=sys.stderr),
     )
     print(
         f"gapcam: {done} of {done + failed} inputs done, {failed} failed; "
@@ -258,25 +297,27 @@ def _run_ray(args: argparse.Namespace) -> int:
 
 
 def print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:
+    """What one image got, a few lines; every name in them shown escaped (``safe_text``)."""
     width, height = result.size
-    lines = [f"{result.name}  ({width}x{height})"]
-    lines += [f"  {p.probability:7.2%}  {p.name} [{p.index}]" for p in result.predictions[:5]]
+    lines = [f"{safe_text(result.name, PATH_LIMIT)}  ({width}x{height})"]
+    lines += [
+        f"  {p.probability:7.2%}  {safe_text(p.name)} [{p.index}]" for p in result.predictions[:5]
+    ]
     for class_map in result.maps:
         boxes = class_map.boxes
+        name = safe_text(class_map.prediction.name)
         if not boxes:
-            lines.append(
-                f"  no box for {class_map.prediction.name}: the map is flat or below the threshold"
-            )
+            lines.append(f"  no box for {name}: the map is flat or below the threshold")
             continue
         first = boxes[0]
         share = first.area / (width * height)
         extra = f" (+{len(boxes) - 1} more)" if len(boxes) > 1 else ""
         lines.append(
-            f"  box {class_map.prediction.name}: x0={first.x0} y0={first.y0} x1={first.x1} "
+            f"  box {name}: x0={first.x0} y0={first.y0} x1={first.x1} "
             f"y1={first.y1} ({share:.0%} of the image){extra}"
         )
-    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  note: {safe_text(note)}" for note in result.notes]
     for key in ("overlay", "cam_npy"):
         if key in document:
-            lines.append(f"  {key.replace('_', ' ')}: {document[key]}")
+            lines.append(f"  {key.replace('_', ' ')}: {safe_text(document[key], PATH_LIMIT)}")
     print("\n".join(lines), file=out)

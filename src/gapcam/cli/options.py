@@ -186,11 +186,12 @@ def _streams(args: argparse.Namespace) -> int:
 
 
 #: a keyword as the library names it in a message: ``precision='float16'``, ``top_k=3``,
-#: ``overwrite=True``, ``scales=(1.0, 1.5)``, or ``checkpoint=`` alone. Values are repr()s, so
+#: ``overwrite=True``, ``scales=(1.0, 1.5)``, ``weights=FILE`` (a placeholder in capitals), or
+#: ``checkpoint=`` alone. Values are repr()s, so
 #: a file name (``out=old.png``, ``/tmp/out=3.png``) is never taken for one.
 _KEYWORD = re.compile(
     r"(?<![\w.\-\\~=])(?<![^=]/)([a-z][a-z0-9_]*)="  # a '/' only between keywords (model=/weights=)
-    r"(?:'([^'\n]*)'|\"([^\"\n]*)\"|(True|False|None)(?![\w.])"
+    r"(?:'([^'\n]*)'|\"([^\"\n]*)\"|(True|False|None|[A-Z][A-Z_]*)(?![\w.])"
     r"|(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?![\w.])|[(\[]([^()\[\]\n]*)[)\]]|(?=[\s,;:/)]|$)())"
 )
 

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from gapcam.cli import options
+from gapcam.console import safe_text
 from gapcam.types import DEFAULT_MODEL, FINETUNE_MODES, OPTIMIZERS
+
+#: a report line is shown whole, escaped (the training library bounds the names it quotes)
+REPORT_LIMIT = 100_000
+#: a path is shown whole, escaped
+PATH_LIMIT = 4096
 
 EXAMPLES = """examples:
   gapcam synth shapes/ --classes 4 --per-class 60
@@ -103,7 +109,9 @@ def add(commands: Any) -> None:
     s.add_argument("--classes", type=options.positive, default=3, help="2 to 6 (default: 3)")
     s.add_argument("--per-class", type=options.positive, default=40, help="train images per class")
     s.add_argument("--val-per-class", type=options.positive, help="default: per-class / 4 (min 2)")
-    s.add_argument("--size", type=options.positive, default=160, help="image side in pixels")
+    s.add_argument(
+        "--size", type=options.positive, default=160, help="image side in pixels (32 to 2048)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace a dataset made by synth")
     s.set_defaults(handler=run_synth)
@@ -122,12 +130,16 @@ def run_train(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     config = TrainConfig(Path(args.data), Path(args.out), cache_dir=cache_dir, **model, **given)
 
-    # -q: the progress and the report are dropped; what matters goes to stderr with the summary
+    # -q: the progress and the report are dropped; what matters goes to stderr with the summary.
+    # Lines quote class and file names: shown escaped (safe_text), a warning on one bounded line
     def echo(line: str) -> None:
-        print(options.flag_message(line, args.flags))
+        print(safe_text(options.flag_message(line, args.flags), REPORT_LIMIT))
 
     def warn(line: str) -> None:
-        print(options.flag_message(line, args.flags), file=sys.stderr if config.quiet else None)
+        from gapcam.cli import LINE_LIMIT
+
+        shown = options.error_text(line, args.flags, LINE_LIMIT)
+        print(shown, file=sys.stderr if config.quiet else None)
 
     report = run_training(config, echo=echo, warn=warn)
     skipped = len(report.skipped)
@@ -154,10 +166,10 @@ def run_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    out = Path(args.out)
+    out = safe_text(Path(args.out), PATH_LIMIT)
     print(
         f"wrote {counts['train']} train and {counts['val']} val images ({args.size}x{args.size}) "
         f"to {out}/, true boxes in {out}/train/{CSV_NAME} and {out}/val/{CSV_NAME}"
     )
-    print(f"train on it: gapcam train {out} --out {out.name}-run")
+    print(f"train on it: gapcam train {out} --out {safe_text(Path(args.out).name)}-run")
     return 0

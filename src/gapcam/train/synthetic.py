@@ -37,6 +37,9 @@ SHAPES = ("circle", "square", "triangle", "star", "stripes", "cross")
 SPLITS = {"train": 0, "val": 1}
 CSV_NAME = "boxes.csv"
 CSV_HEADER = "path,label,x0,y0,x1,y1"
+#: image sides ``generate`` accepts (each image is drawn in memory, with float noise: about
+#: 40 bytes a pixel, 170 MB at the largest)
+MIN_SIZE, MAX_SIZE = 32, 2048
 
 #: Object and clutter colours: one shared palette, so colour is no clue to the class.
 PALETTE = (
@@ -179,11 +182,13 @@ def generate(
 
     names = _class_names(classes)
     val_count = max(2, per_class // 4) if val_per_class is None else val_per_class
-    if per_class < 1 or val_count < 1 or size < 32:
+    if per_class < 1 or val_count < 1 or size < MIN_SIZE:
         raise OutputError(
             f"per_class={per_class}, val_per_class={val_count}, size={size}: "
-            "give at least 1 image per class and split, and a size of at least 32 pixels"
+            f"give at least 1 image per class and split, and a size of at least {MIN_SIZE} pixels"
         )
+    if size > MAX_SIZE:
+        raise OutputError(f"size={size}: at most {MAX_SIZE} pixels a side; give a smaller size=")
     root = Path(out)
     _check_target(root, overwrite)
     counts = {}
@@ -231,7 +236,9 @@ def _check_target(root: Path, overwrite: bool) -> None:
     if not root.is_dir() or not any(root.iterdir()):
         return
     if not overwrite:
-        raise OutputError(f"{root}: folder is not empty; pass overwrite=True or choose another folder")
+        raise OutputError(
+            f"{root}: folder is not empty; pass overwrite=True or choose another folder"
+        )
     if not (root / "synth.json").is_file():
         raise OutputError(
             f"{root}: not a dataset made by `gapcam synth` (no synth.json); refusing to "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def test_every_front_end_reads_the_same_localizer_flags() -> None:
         (["--ray-address", "auto"], "--ray-address: only with --engine ray"),
         (["--backend", "eager", "--streams", "2"], "--streams 2: only the onnx backend runs"),
         (["--precision", "float16"], "--precision float16 needs a GPU"),
+        (["--top-k", "2", "--class", "285"], "--top-k: not with --class"),
+        (["--no-overlay", "--cmap", "viridis"], "--cmap: not with --no-overlay"),
+        (["--no-overlay", "--alpha", "0.3", "--format", "jpg"], "--alpha, --format: not with"),
+        (["--workers", "0", "--streams", "2"], "--streams 2: --workers 0 runs one stream"),
+        (["--streams", "2", "--precision", "bfloat16"], "--streams 2: only the onnx backend"),
+        (["--engine", "ray", "--json", "r.json"], "--json: not with --engine ray"),
+        (["--engine", "ray", "--save-cam"], "--save-cam: not with --engine ray"),
+        (["--engine", "ray", "--input-size", "300"], "--input-size 300: must be a multiple"),
     ],
 )
 def test_what_a_user_types_is_used_or_refused_in_one_line(
@@ -144,3 +153,30 @@ def test_a_file_named_like_a_keyword_keeps_its_name(
     captured = capsys.readouterr()
     assert "out=old.png" in captured.err
     assert "--out old.png" not in captured.err + captured.out
+
+
+def test_a_variant_cannot_change_what_the_model_was_built_from(tiny: GapModel) -> None:
+    import dataclasses
+
+    loc = Localizer(tiny)
+    assert loc.weights is None
+    with pytest.raises(GapcamError, match=r"weights='random': the model is already built"):
+        dataclasses.replace(loc, weights="random")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"input_size": 300}, "input_size=300: must be a multiple of 32"),
+        ({"threshold": 1.5}, "threshold=1.5: must be between 0 and 1"),
+        ({"scales": (0.01,)}, "scales=(0.01,): give one or more factors"),
+        ({"backend": "tpu"}, "backend='tpu': use one of"),
+        ({"precision": "int4"}, "precision='int4': use one of"),
+    ],
+)
+def test_settings_are_checked_without_building_the_model(
+    options: dict[str, object], message: str
+) -> None:
+    Localizer.check_options({"model": "resnet50", "weights": "nowhere.pth"})  # nothing built
+    with pytest.raises(GapcamError, match=re.escape(message)):
+        Localizer.check_options({"model": "resnet50", **options})

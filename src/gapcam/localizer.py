@@ -14,7 +14,7 @@ a measured combination from ``PRESETS``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
 from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, scale_boxes
 from gapcam.types import (
+    BACKENDS,
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
+    PRECISIONS,
     PRESETS,
     RESIZE_MODES,
     ClassMap,
@@ -100,7 +102,10 @@ class Localizer:
     ``concurrency`` for what the backend allows (the eager backend: one call at a time).
 
     A Localizer is immutable: ``dataclasses.replace(loc, threshold=0.3)`` makes a variant
-    (it shares the built model; the backend is made again for the new settings).
+    (it shares the built model; the backend is made again for the new settings). Once built,
+    ``model`` holds the GapModel and ``weights`` is None: a variant with other ``weights`` is
+    refused (make a new Localizer from the name), and one with another ``device`` moves the
+    model the two share (make a new Localizer to run on two devices).
     """
 
     model: GapModel | str = DEFAULT_MODEL
@@ -126,9 +131,7 @@ class Localizer:
         cls, preset: str, model: GapModel | str = DEFAULT_MODEL, **kwargs: Any
     ) -> Localizer:
         """A Localizer with the view settings of ``PRESETS[preset]``; ``kwargs`` override them."""
-        if preset not in PRESETS:
-            raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
-        return cls(model, **{**PRESETS[preset], **kwargs})
+        return cls(model, **{**view_options(preset), **kwargs})
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Localizer:
@@ -141,9 +144,55 @@ class Localizer:
         )
         return cls(model, **settings)
 
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Check the settings ``from_options`` would get, without building the model: what a
+        front end does before it sends them to workers (the Ray actors) that build their own.
+        ``GapcamError`` names the first bad one, as ``Localizer`` itself would."""
+        settings = {k: v for k, v in options.items() if k not in ("model", "checkpoint")}
+        probe = object.__new__(cls)
+        defaults = {f.name: f.default for f in fields(cls) if f.init}
+        for name, value in {**defaults, **settings}.items():
+            object.__setattr__(probe, name, value)
+        probe._check_settings()
+        if probe.backend not in BACKENDS:
+            raise GapcamError(f"backend={probe.backend!r}: use one of {', '.join(BACKENDS)}")
+        if probe.precision not in PRECISIONS:
+            raise GapcamError(f"precision={probe.precision!r}: use one of {', '.join(PRECISIONS)}")
+
     def __post_init__(self) -> None:
         # frozen: the fields are checked and completed here, once, then never change
         setattr_ = object.__setattr__
+        self._check_settings()
+        if isinstance(self.model, GapModel) and self.weights is not None:
+            raise GapcamError(
+                f"weights={str(self.weights)!r}: the model is already built (a GapModel); "
+                "weights apply when model is a name: make a new Localizer(name, weights=...)"
+            )
+        device = None if self.device is None else check_device(self.device)
+        model = (
+            self.model
+            if isinstance(self.model, GapModel)
+            else build_model(self.model, self.weights)
+        )
+        setattr_(self, "_model", model)
+        setattr_(self, "model", model)  # a variant made with dataclasses.replace reuses it
+        setattr_(self, "weights", None)  # ... and its weights are in it
+        self._check_view_sizes()
+        if device is not None and device != model.device:
+            model.module.to(device)  # asked for explicitly: a given model moves too
+        threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
+        runner = make_backend(
+            model,
+            self.backend,
+            self.preprocess.size,
+            threads=threads,
+            precision=self.precision,
+        )
+        setattr_(self, "_runner", runner)
+
+    def _check_settings(self) -> None:
+        """The settings that need no model: ranges, choices, views."""
         if not 0.0 <= self.threshold <= 1.0:
             raise GapcamError(f"threshold={self.threshold}: must be between 0 and 1")
         if not 0.0 <= self.min_area <= 1.0:
@@ -158,26 +207,6 @@ class Localizer:
         self._check_views()
         if not isinstance(self.streams, int) or self.streams < 1:
             raise GapcamError(f"streams={self.streams!r}: give a positive integer")
-        device = None if self.device is None else check_device(self.device)
-        model = (
-            self.model
-            if isinstance(self.model, GapModel)
-            else build_model(self.model, self.weights)
-        )
-        setattr_(self, "_model", model)
-        setattr_(self, "model", model)  # a variant made with dataclasses.replace reuses it
-        self._check_view_sizes()
-        if device is not None and device != model.device:
-            model.module.to(device)  # asked for explicitly: a given model moves too
-        threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
-        runner = make_backend(
-            model,
-            self.backend,
-            self.preprocess.size,
-            threads=threads,
-            precision=self.precision,
-        )
-        setattr_(self, "_runner", runner)
 
     @property
     def gap_model(self) -> GapModel:

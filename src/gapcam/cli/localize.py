@@ -67,7 +67,10 @@ def add(commands: Any) -> None:
     )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
     p.add_argument(
-        "--top-k", type=options.positive, default=1, metavar="K", help="map the K best classes"
+        "--top-k",
+        type=options.positive,
+        metavar="K",
+        help="map the K best classes (default: 1; not with --class)",
     )
     p.add_argument(
         "--class",
@@ -78,11 +81,9 @@ def add(commands: Any) -> None:
     )
     options.add_box(p)
     options.add_views(p)
-    p.add_argument(
-        "--alpha", type=options.fraction, default=0.5, help="heatmap opacity (default: 0.5)"
-    )
-    p.add_argument("--cmap", default="jet", help="any matplotlib colormap (default: jet)")
-    p.add_argument("--format", choices=OVERLAY_FORMATS, default="png", help="overlay format")
+    p.add_argument("--alpha", type=options.fraction, help="heatmap opacity (default: 0.5)")
+    p.add_argument("--cmap", help="any matplotlib colormap (default: jet)")
+    p.add_argument("--format", choices=OVERLAY_FORMATS, help="overlay format (default: png)")
     options.add_backend(p, "auto")
     p.add_argument(
         "--batch-size",
@@ -123,10 +124,9 @@ def add(commands: Any) -> None:
     p.add_argument(
         "--memory-budget",
         type=memory_size,
-        default=DEFAULT_BUDGET,
         metavar="SIZE",
-        help="memory the images in flight may take at once, e.g. 512M, 4G (default: "
-        "%(default)s); a larger image waits for the ones before it, and runs alone",
+        help=f"memory the images in flight may take at once, e.g. 512M, 4G (default: "
+        f"{DEFAULT_BUDGET}); a larger image waits for the ones before it, and runs alone",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (never inputs)"
@@ -154,9 +154,49 @@ def error_line(message: str, flags: Collection[str]) -> str:
     return prefix + options.error_text(message, flags, LINE_LIMIT - len(prefix))
 
 
-def run(args: argparse.Namespace) -> int:
+#: what the overlay flags mean when they are not given
+OVERLAY_DEFAULTS = {"alpha": 0.5, "cmap": "jet", "format": "png"}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse, in one line and before any work, what would otherwise be ignored; then fill in
+    the defaults of the flags that may only be given in some combinations."""
+    refused = []
     if args.ray_address and args.engine != "ray":
-        raise GapcamError("--ray-address: only with --engine ray")
+        refused.append("--ray-address: only with --engine ray")
+    if args.top_k is not None and args.classes:
+        refused.append("--top-k: not with --class (the classes given are the ones mapped)")
+    given = [f"--{name}" for name in OVERLAY_DEFAULTS if getattr(args, name) is not None]
+    if args.no_overlay and given:
+        refused.append(f"{', '.join(given)}: not with --no-overlay (they draw the overlay)")
+    if args.streams and args.workers == 0:
+        refused.append(f"--streams {args.streams}: --workers 0 runs one stream")
+    if args.streams and (args.backend == "eager" or args.precision != "float32"):
+        refused.append(
+            f"--streams {args.streams}: only the onnx backend runs streams (drop --streams, "
+            "or use --backend onnx in float32)"
+        )
+    if args.engine == "ray":
+        for name, flag in (
+            ("json", "--json"),
+            ("save_cam", "--save-cam"),
+            ("memory_budget", "--memory-budget"),
+            ("streams", "--streams"),
+        ):
+            if getattr(args, name):
+                refused.append(f"{flag}: not with --engine ray (it writes Parquet rows to --out)")
+    if refused:
+        raise GapcamError(refused[0])
+    args.top_k = args.top_k or 1
+    for name, default in OVERLAY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.memory_budget is None:
+        args.memory_budget = memory_size(DEFAULT_BUDGET)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     if "torch" not in sys.modules:  # idle OpenMP threads sleep: the writers need cores
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gapcam.pipeline import tune_allocator
@@ -266,11 +306,11 @@ def _localizer(args: argparse.Namespace) -> Localizer:
 
 def _run_ray(args: argparse.Namespace) -> int:
     from gapcam import ray_engine
+    from gapcam.localizer import Localizer
 
-    if args.streams:
-        raise GapcamError("--streams: not with --engine ray (each Ray actor runs one stream)")
     settings = options.localizer_options(args)
-    settings["streams"] = 1
+    settings["streams"] = 1  # each Ray actor runs one
+    Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
     done, failed, out = ray_engine.run(
         args.inputs,
         Path(args.out),

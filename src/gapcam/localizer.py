@@ -247,7 +247,7 @@ class Localizer:
         if not self.scales or not all(0.1 <= float(s) <= 8.0 for s in self.scales):
             raise GapcamError(
                 f"scales={self.scales!r}: give one or more factors of the input size, "
-                "between 0.1 and 8, e.g. (1.0, 1.5)"
+                "each between 0.1 and 8, such as 1.0 and 1.5"
             )
 
     def _check_view_sizes(self) -> None:

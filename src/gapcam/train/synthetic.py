@@ -182,11 +182,12 @@ def generate(
 
     names = _class_names(classes)
     val_count = max(2, per_class // 4) if val_per_class is None else val_per_class
-    if per_class < 1 or val_count < 1 or size < MIN_SIZE:
-        raise OutputError(
-            f"per_class={per_class}, val_per_class={val_count}, size={size}: "
-            f"give at least 1 image per class and split, and a size of at least {MIN_SIZE} pixels"
-        )
+    if per_class < 1:
+        raise OutputError(f"per_class={per_class}: give at least 1 image per class")
+    if val_count < 1:
+        raise OutputError(f"val_per_class={val_count}: give at least 1 image per class")
+    if size < MIN_SIZE:
+        raise OutputError(f"size={size}: give a size of at least {MIN_SIZE} pixels")
     if size > MAX_SIZE:
         raise OutputError(f"size={size}: at most {MAX_SIZE} pixels a side; give a smaller size=")
     root = Path(out)

@@ -28,11 +28,12 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gapcam import images
+from gapcam.batch import Outputs
 from gapcam.console import safe_text
 from gapcam.errors import GapcamError, OutputError
 from gapcam.localizer import Localizer
@@ -138,16 +139,6 @@ def error_row(path: str, message: str) -> dict[str, Any]:
     return {**empty, "path": path, "error": message}
 
 
-@dataclass(frozen=True)
-class ActorOutputs:
-    """The overlay each actor draws (unless ``overlay`` is False)."""
-
-    overlay: bool = True
-    fmt: str = "png"
-    alpha: float = 0.5
-    cmap: str = "jet"
-
-
 class LocalizeActor:
     """One Localizer per Ray actor; ``__call__`` maps a batch of paths to result rows."""
 
@@ -188,7 +179,7 @@ class LocalizeActor:
         folder = self.options["overlays"]
         if folder is None:
             return None
-        outputs = ActorOutputs(**self.options["outputs"])
+        outputs = Outputs(**self.options["outputs"])
         digest = hashlib.sha1(path.encode()).hexdigest()[:10]
         target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{outputs.fmt}"
         figure = result.figure(alpha=outputs.alpha, cmap=outputs.cmap)
@@ -215,9 +206,8 @@ def check_checkpoint(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def run(
     inputs: Sequence[str],
-    out: Path,
     localizer: Mapping[str, Any],
-    outputs: ActorOutputs = ActorOutputs(),
+    outputs: Outputs,
     *,
     classes: Sequence[int | str] | None = None,
     top_k: int = 1,
@@ -230,9 +220,13 @@ def run(
     on_error: Callable[[str], None] = lambda _: None,
 ) -> tuple[int, int, Path]:
     """The Ray job: list ``inputs``, map them with actors that build their Localizer from the
-    plain settings ``localizer`` (``Localizer.from_options``), write Parquet (and overlays) to
-    ``out``. Returns (inputs done, inputs failed, ``out``); unreadable inputs go to
-    ``on_error`` as they are listed (the actors' failures are rows with ``error`` set)."""
+    plain settings ``localizer`` (``Localizer.from_options``), write Parquet (and the overlays
+    ``outputs`` asks for) to ``outputs.folder``. Returns (inputs done, inputs failed, the
+    folder); unreadable inputs go to ``on_error`` as they are listed (the actors' failures are
+    rows with ``error`` set). ``outputs.save_cam`` is not supported: the rows hold the maps."""
+    out = outputs.folder
+    if outputs.save_cam:
+        raise GapcamError("save_cam=True: the Ray engine's rows hold the raw maps (column cam)")
     try:
         import ray
     except ImportError as exc:

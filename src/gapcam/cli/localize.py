@@ -20,6 +20,7 @@ from gapcam.errors import GapcamError
 from gapcam.types import OVERLAY_FORMATS
 
 if TYPE_CHECKING:
+    from gapcam.batch import Outputs
     from gapcam.localizer import Localizer
     from gapcam.result import Result
 
@@ -227,14 +228,7 @@ def _run_local(args: argparse.Namespace) -> int:
             raise GapcamError(str(exc)) from exc
     check_folder(Path(args.out))  # a file or a read-only folder stops the run before any work
     guard = OutputGuard((path for path, _ in found), overwrite=args.overwrite)
-    outputs = batch.Outputs(
-        Path(args.out),
-        overlay=not args.no_overlay,
-        fmt=args.format,
-        alpha=args.alpha,
-        cmap=args.cmap,
-        save_cam=args.save_cam,
-    )
+    outputs = _outputs(args)
     sink: JsonStream | None = None
     progress: Any = None
     done = 0
@@ -291,6 +285,19 @@ def _run_local(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def _outputs(args: argparse.Namespace) -> Outputs:
+    from gapcam.batch import Outputs
+
+    return Outputs(
+        Path(args.out),
+        overlay=not args.no_overlay,
+        fmt=args.format,
+        alpha=args.alpha,
+        cmap=args.cmap,
+        save_cam=args.save_cam,
+    )
+
+
 def _localizer(args: argparse.Namespace) -> Localizer:
     from gapcam.localizer import Localizer
 
@@ -313,11 +320,8 @@ def _run_ray(args: argparse.Namespace) -> int:
     Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
     done, failed, out = ray_engine.run(
         args.inputs,
-        Path(args.out),
         settings,
-        ray_engine.ActorOutputs(
-            overlay=not args.no_overlay, fmt=args.format, alpha=args.alpha, cmap=args.cmap
-        ),
+        _outputs(args),
         classes=args.classes,
         top_k=args.top_k,
         limit=args.limit,

@@ -27,6 +27,8 @@ from gapcam.types import Preprocess
 # family id -> (model name for build_model, or None for a custom module; input side)
 FAMILIES: dict[str, tuple[str | None, int]] = {
     "efficientnet_lite0": ("efficientnet_lite0", 96),
+    "efficientnet_lite1": ("efficientnet_lite1", 96),
+    "efficientnet_lite2": ("efficientnet_lite2", 96),
     "resnet18": ("resnet18", 96),
     "resnext50_32x4d": ("resnext50_32x4d", 64),
     "densenet121": ("densenet121", 64),
@@ -42,10 +44,28 @@ FAMILIES: dict[str, tuple[str | None, int]] = {
 }
 
 
+# the embedded models, with their real ImageNet weights (shared: not modified)
+EMBEDDED_FIXTURES = {
+    "efficientnet_lite0": "embedded_model",
+    "efficientnet_lite1": "lite1",
+    "efficientnet_lite2": "lite2",
+}
+
+
+@pytest.fixture(scope="module")
+def lite1() -> GapModel:
+    return build_model("efficientnet_lite1")
+
+
+@pytest.fixture(scope="module")
+def lite2() -> GapModel:
+    return build_model("efficientnet_lite2")
+
+
 def _family_model(family: str, request: pytest.FixtureRequest) -> GapModel:
     name, _ = FAMILIES[family]
-    if family == "efficientnet_lite0":
-        return request.getfixturevalue("embedded_model")  # real weights, shared: not modified
+    if family in EMBEDDED_FIXTURES:
+        return request.getfixturevalue(EMBEDDED_FIXTURES[family])
     if name is None:
         return tiny_gap_model(callable_features=family == "custom-callable")
     model = build_model(name, "random")
@@ -341,6 +361,7 @@ def test_registry_names_are_unique_and_duplicates_raise() -> None:
     names = [spec.name for spec in specs()]
     assert len(names) == len(set(names))
     assert {"efficientnet_lite0", "resnet18", "squeezenet1_1"} <= set(names)
+    assert names[:3] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert not any(n.startswith(("vgg", "alexnet", "convnext", "mobilenet_v3")) for n in names)
     existing = specs()[0]
     with pytest.raises(ValueError, match="already registered"):

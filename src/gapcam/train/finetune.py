@@ -60,7 +60,7 @@ def last_stage(module: nn.Module) -> list[str]:
             return found
     raise TrainingError(
         f"finetune='last-stage': gapcam does not know the last stage of "
-        f"{type(module).__name__}; supported: the embedded efficientnet_lite0, timm EfficientNets, "
+        f"{type(module).__name__}; supported: the embedded EfficientNet-Lite models, timm EfficientNets, "
         "ResNets, DenseNets, MobileNetV2, torchvision EfficientNets, MNASNet, ShuffleNetV2, "
         "RegNets; or train the head only"
     )

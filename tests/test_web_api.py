@@ -187,6 +187,9 @@ def test_truncated_image_is_corrupt(client: TestClient, cat_bytes: bytes) -> Non
 def test_pixel_limit_is_checked_before_decoding(client: TestClient) -> None:
     response = post(client, png_header(6000, 5000), name="huge.png")
     assert_json_error(response, 422, "huge.png", "6000x5000", "25,000,000")
+    # the uploader reads the limit as the server's setting, not as a Python keyword
+    assert "raise the server's --max-pixels" in response.json()["error"]
+    assert "max_pixels=" not in response.json()["error"]
 
 
 def test_oversize_upload_is_413(localizer: Localizer, cat_bytes: bytes) -> None:

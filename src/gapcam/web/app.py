@@ -378,6 +378,12 @@ def _add_api_routes(app: FastAPI, service: _Service) -> None:
             )
 
 
+def for_uploader(message: str) -> str:
+    """A library message in the words of someone who uploads: the limits it names as keywords
+    (``max_pixels=``) are the server's settings (``gapcam serve --max-pixels``)."""
+    return message.replace("max_pixels=", "the server's --max-pixels")
+
+
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -393,7 +399,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GapcamError)
     async def gapcam_error(request: Request, exc: GapcamError) -> JSONResponse:
         if isinstance(exc, ImageError):
-            return _error(422, str(exc))
+            return _error(422, for_uploader(str(exc)))
         log.error("%s %s failed: %s", request.method, request.url.path, exc)
         return _error(500, str(exc))
 

@@ -249,10 +249,18 @@ def check_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_precision(precision: str, device: torch.device) -> str:
-    """``precision`` when the eager backend can run it on ``device``; ``ModelError`` otherwise."""
+def check_choices(backend: str, precision: str) -> None:
+    """``backend`` and ``precision`` are among the choices (``BACKENDS``, ``PRECISIONS``);
+    whether this machine can run them is for ``make_backend`` to say."""
+    if backend not in BACKENDS:
+        raise ModelError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ModelError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` when the eager backend can run it on ``device``; ``ModelError`` otherwise."""
+    check_choices("eager", precision)
     if precision == "float16" and device.type == "cpu":
         raise ModelError(
             "precision='float16' needs a GPU (device='cuda' or device='mps'); on a CPU use bfloat16"
@@ -277,8 +285,7 @@ def make_backend(
     Runtime's intra-op threads (0: torch's thread count). ``precision`` other than float32 runs
     on the eager backend (autocast): ``auto`` picks it, ``onnx`` refuses.
     """
-    if choice not in BACKENDS:
-        raise ModelError(f"backend={choice!r}: use one of {', '.join(BACKENDS)}")
+    check_choices(choice, precision)
     check_precision(precision, model.device)
     if choice == "eager" or (choice == "auto" and precision != "float32"):
         note = f"{precision} runs on the eager backend" if choice == "auto" else ""

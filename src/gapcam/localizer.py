@@ -21,16 +21,14 @@ from typing import Any
 import torch
 
 from gapcam import cam, images
-from gapcam.backends import Backend, check_device, make_backend
+from gapcam.backends import Backend, check_choices, check_device, make_backend
 from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
 from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, scale_boxes
 from gapcam.types import (
-    BACKENDS,
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
-    PRECISIONS,
     PRESETS,
     RESIZE_MODES,
     ClassMap,
@@ -155,10 +153,6 @@ class Localizer:
         for name, value in {**defaults, **settings}.items():
             object.__setattr__(probe, name, value)
         probe._check_settings()
-        if probe.backend not in BACKENDS:
-            raise GapcamError(f"backend={probe.backend!r}: use one of {', '.join(BACKENDS)}")
-        if probe.precision not in PRECISIONS:
-            raise GapcamError(f"precision={probe.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     def __post_init__(self) -> None:
         # frozen: the fields are checked and completed here, once, then never change
@@ -207,6 +201,7 @@ class Localizer:
         self._check_views()
         if not isinstance(self.streams, int) or self.streams < 1:
             raise GapcamError(f"streams={self.streams!r}: give a positive integer")
+        check_choices(self.backend, self.precision)
 
     @property
     def gap_model(self) -> GapModel:

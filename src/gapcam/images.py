@@ -157,19 +157,9 @@ def read_header(
     that ``load_image`` would refuse before decoding (missing, too large on disk, not an
     image, over ``max_pixels``) raises the same ``ImageError`` here."""
     label = name or str(path)
-    with _open_file(Path(path), label, max_pixels) as handle:
-        caught: list[Warning] = []
-        try:
-            with _warnings_caught(caught):
-                image = _open_image(handle, label, max_pixels)
-                return ImageInfo(image.width, image.height, image.mode)
-        except ImageError:
-            raise
-        except Exception as exc:
-            error = _decode_error(exc, label)
-            if error is None:
-                raise
-            raise error from exc
+    with _open_file(Path(path), label, max_pixels) as handle, _decoding(label, []):
+        image = _open_image(handle, label, max_pixels)
+        return ImageInfo(image.width, image.height, image.mode)
 
 
 @contextmanager
@@ -270,15 +260,24 @@ def _open_image(stream: IO[bytes], label: str, max_pixels: int) -> Image.Image:
 
 def _decode(stream: IO[bytes], label: str, path: Path | None, max_pixels: int) -> LoadedImage:
     caught: list[Warning] = []
+    with _decoding(label, caught):
+        image = _open_image(stream, label, max_pixels)
+        notes: list[str] = []
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            notes.append(f"multi-frame file ({frames} frames): using the first frame")
+        image.load()
+        rgb, more = _to_rgb(image, label)
+    return LoadedImage(rgb, label, path, tuple(notes) + more + _warning_notes(caught))
+
+
+@contextmanager
+def _decoding(label: str, caught: list[Warning]) -> Iterator[None]:
+    """Reading one file: warnings shown inside go to ``caught`` (``_warnings_caught``), and what
+    Pillow raises becomes the file's ``ImageError`` (``_decode_error``)."""
     try:
         with _warnings_caught(caught):
-            image = _open_image(stream, label, max_pixels)
-            notes: list[str] = []
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                notes.append(f"multi-frame file ({frames} frames): using the first frame")
-            image.load()
-            rgb, more = _to_rgb(image, label)
+            yield
     except ImageError:
         raise
     except Exception as exc:
@@ -286,7 +285,6 @@ def _decode(stream: IO[bytes], label: str, path: Path | None, max_pixels: int) -
         if error is None:
             raise
         raise error from exc
-    return LoadedImage(rgb, label, path, tuple(notes) + more + _warning_notes(caught))
 
 
 def _decode_error(exc: Exception, label: str) -> ImageError | None:

@@ -66,15 +66,6 @@ def test_at_most_window_items_are_in_flight() -> None:
     assert state["most"] <= 4
 
 
-def test_batched_groups_successes_and_carries_failures() -> None:
-    error = GapcamError("bad")
-    pairs = [(0, 0), (1, error), (2, 2), (3, 3), (4, 4)]
-    groups = list(pipeline.batched(pairs, 2))
-    assert groups == [([(0, 0), (2, 2)], [(1, error)]), ([(3, 3), (4, 4)], [])]
-    assert list(pipeline.batched(pairs[:1], 2)) == [([(0, 0)], [])]
-    assert list(pipeline.batched([(0, error)], 4)) == [([], [(0, error)])]
-
-
 def test_allocator_tuning_respects_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
     assert pipeline.tune_allocator() is False

@@ -117,32 +117,14 @@ def ordered_map(
         yield first, outcome(future)
 
 
-def batched(
-    pairs: Iterable[tuple[T, R | GapcamError]], size: int
-) -> Iterator[tuple[list[tuple[T, R]], list[tuple[T, GapcamError]]]]:
-    """Groups of up to ``size`` successes, each with the failures met while filling it."""
-    good: list[tuple[T, R]] = []
-    bad: list[tuple[T, GapcamError]] = []
-    for item, value in pairs:
-        if isinstance(value, GapcamError):
-            bad.append((item, value))
-        else:
-            good.append((item, value))
-        if len(good) >= size:
-            yield good, bad
-            good, bad = [], []
-    if good or bad:
-        yield good, bad
-
-
 def tune_allocator() -> bool:
     """Ask glibc malloc to keep freed memory instead of returning it to the OS.
 
     Large activations are freed and allocated again on every batch; by default glibc unmaps
     them and the next batch page-faults them back in (the cost is measured in docs/speed.md
     and README's benchmark table: "forward eager, malloc kept"). Memory stays bounded by the
-    pipeline's peak. Skipped unless on glibc, and
-    when the user set ``GLIBC_TUNABLES`` or ``GAPCAM_MALLOC=system``. True when applied.
+    pipeline's peak. Skipped unless on glibc, and when the user set ``GLIBC_TUNABLES`` or
+    ``GAPCAM_MALLOC=system``. True when applied.
     """
     if (
         not sys.platform.startswith("linux")

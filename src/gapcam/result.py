@@ -109,7 +109,7 @@ class Result:
             "maps": [
                 {
                     **prediction_dict(m.prediction),
-                    "boxes": [{"xyxy": b.as_list(), "area": b.area} for b in m.boxes],
+                    "boxes": [box_dict(b) for b in m.boxes],
                     "raw_min": m.raw_min,
                     "raw_max": m.raw_max,
                     "feature_size": list(m.low_res.shape),
@@ -178,6 +178,11 @@ def normalized_maps(
     """1 x k x h x w maps -> k normalised H x W float32 arrays in original image coordinates."""
     up = cam.normalize(cam.upsample(low, size, region), settings.normalize)[0]
     return tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
+
+
+def box_dict(box: Box) -> dict[str, Any]:
+    """One box as the JSON writes it (``gapcam.schema.BOX``)."""
+    return {"xyxy": box.as_list(), "area": box.area}
 
 
 def prediction_dict(p: Prediction) -> dict[str, Any]:

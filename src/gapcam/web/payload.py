@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from gapcam.boxes import boxes_from_map
-from gapcam.result import Result
+from gapcam.result import Result, box_dict
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
@@ -54,7 +54,7 @@ def build(
     map_size = capped_size(width, height, map_side)
     for class_map, normalized in zip(entry["maps"], result.normalized, strict=True):
         boxes = boxes_from_map(normalized, threshold, min_area)
-        class_map["boxes"] = [{"xyxy": b.as_list(), "area": b.area} for b in boxes]
+        class_map["boxes"] = [box_dict(b) for b in boxes]
         class_map["map_png"] = data_url(map_image(normalized, map_size))
     preview = None
     if preview_side > 0:

@@ -112,21 +112,48 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
     return torch.where(varies, (maps - bottom) / span.clamp_min(1e-12), torch.zeros_like(maps))
 
 
-def merge_views(maps: Sequence[torch.Tensor], mirrored: Sequence[bool]) -> torch.Tensor:
+def placed(
+    region: tuple[float, float, float, float],
+    shift: tuple[float, float],
+    grid: tuple[int, int],
+) -> tuple[float, float, float, float]:
+    """``region`` for ``upsample`` of an h x w grid whose cell j is drawn at ``(j + 1/2 +
+    shift) / size`` of the input (``Subgrid.shift``: a dilated network's grid) instead of the
+    centred ``(j + 1/2) / size``: the same region, moved by ``-shift`` cells."""
+    rows, columns = shift
+    if rows == columns == 0:
+        return region
+    h, w = grid
+    u0, v0, u1, v1 = region
+    return (u0 - columns / w, v0 - rows / h, u1 - columns / w, v1 - rows / h)
+
+
+def merge_views(
+    maps: Sequence[torch.Tensor],
+    mirrored: Sequence[bool],
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> torch.Tensor:
     """The mean of CAMs of several views of the same images (each N x k x h_i x w_i).
 
     A view made from the horizontally mirrored input is mirrored back first; every map is then
     resampled bilinearly (align_corners=False) to the finest grid (largest h, largest w) and
     the maps are averaged there: N x k x h x w. Views must cover the same region of the images.
+    ``shift``: where each grid's cells are drawn (``placed``); the merged grid has the same.
+    A mirrored view's grid, mirrored back, has the opposite column shift: it is resampled
+    onto the others'.
     """
     if not maps or len(maps) != len(mirrored):
         raise ValueError(f"{len(maps)} maps and {len(mirrored)} mirrored flags; give one per view")
     height = max(m.shape[-2] for m in maps)
     width = max(m.shape[-1] for m in maps)
+    rows, columns = shift
+    target = placed((0.0, 0.0, 1.0, 1.0), (-rows, -columns), (height, width))
     total = maps[0].new_zeros((*maps[0].shape[:2], height, width))
     for view, flip in zip(maps, mirrored, strict=True):
         view = view.flip(-1) if flip else view
-        if view.shape[-2:] != (height, width):
-            view = F.interpolate(view, size=(height, width), mode="bilinear", align_corners=False)
+        own = (rows, -columns if flip else columns)
+        region = placed(target, own, tuple(view.shape[-2:]))  # type: ignore[arg-type]
+        if view.shape[-2:] != (height, width) or region != (0.0, 0.0, 1.0, 1.0):
+            view = upsample(view, (height, width), region)
         total += view
     return total / len(maps)

@@ -25,10 +25,12 @@ from gapcam.backends import Backend, check_choices, check_device, make_backend
 from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
+from gapcam.models.dense import dilate
 from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, scale_boxes
 from gapcam.types import (
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
+    OUTPUT_STRIDES,
     PRESETS,
     RESIZE_MODES,
     ClassMap,
@@ -53,6 +55,7 @@ def view_options(
     input_size: int | None = None,
     hflip: bool = False,
     scales: Sequence[float] | None = None,
+    output_stride: int | None = None,
 ) -> dict[str, Any]:
     """Localizer keyword arguments from a preset, overridden by explicit view options."""
     if preset is not None and preset not in PRESETS:
@@ -64,6 +67,8 @@ def view_options(
         views["hflip"] = True
     if scales:
         views["scales"] = tuple(scales)
+    if output_stride is not None:
+        views["output_stride"] = output_stride
     return views
 
 
@@ -119,6 +124,7 @@ class Localizer:
     input_size: int | tuple[int, int] | None = None
     hflip: bool = False
     scales: tuple[float, ...] = (1.0,)
+    output_stride: int = 32
     backend: str = "eager"
     streams: int = 1
     precision: str = "float32"
@@ -169,15 +175,17 @@ class Localizer:
             if isinstance(self.model, GapModel)
             else build_model(self.model, self.weights)
         )
-        setattr_(self, "_model", model)
         setattr_(self, "model", model)  # a variant made with dataclasses.replace reuses it
+        setattr_(self, "_model", model)
         setattr_(self, "weights", None)  # ... and its weights are in it
         self._check_view_sizes()
         if device is not None and device != model.device:
             model.module.to(device)  # asked for explicitly: a given model moves too
+        # dilated after the move: the copy shares the moved parameters and buffers
+        setattr_(self, "_model", dilate(model, self.output_stride))
         threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
         runner = make_backend(
-            model,
+            self._model,
             self.backend,
             self.preprocess.size,
             threads=threads,
@@ -199,6 +207,11 @@ class Localizer:
         if self.resize not in RESIZE_MODES:
             raise GapcamError(f"resize={self.resize!r}: use one of {RESIZE_MODES}")
         self._check_views()
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise GapcamError(
+                f"output_stride={self.output_stride!r}: use one of "
+                f"{', '.join(map(str, OUTPUT_STRIDES))} (16 and 8 run the last stage dilated)"
+            )
         if not isinstance(self.streams, int) or self.streams < 1:
             raise GapcamError(f"streams={self.streams!r}: give a positive integer")
         check_choices(self.backend, self.precision)
@@ -298,6 +311,7 @@ class Localizer:
                     else {}
                 ),
                 **({"precision": self.precision} if self.precision != "float32" else {}),
+                **({"output_stride": self.output_stride} if self.output_stride != 32 else {}),
             },
         )
 
@@ -361,7 +375,8 @@ class Localizer:
                 cam.class_maps(f, model.weight, mapped, model.bias, model.head).float()
                 for f in features
             ]
-        low = lows[0] if len(lows) == 1 else cam.merge_views(lows, [f for _, f in views])
+        shift = model.subgrid.shift
+        low = lows[0] if len(lows) == 1 else cam.merge_views(lows, [f for _, f in views], shift)
         grid = max(range(len(views)), key=lambda v: lows[v].shape[-2] * lows[v].shape[-1])
         preprocess = views[grid][0]
         settings = self.settings()
@@ -441,7 +456,9 @@ class Localizer:
             return Prediction(index, names[index], probabilities[index], logits[index])
 
         width, height = item.size
-        _, region = images.fit_region(width, height, preprocess)
+        _, image_region = images.fit_region(width, height, preprocess)
+        shift = self._model.subgrid.shift
+        region = cam.placed(image_region, shift, tuple(low.shape[-2:]))  # type: ignore[arg-type]
         size, full = map_size(width, height), (height, width)
         box_maps = normalized_maps(low, size, region, settings)
         kept = None

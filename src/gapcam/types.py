@@ -28,6 +28,9 @@ FINETUNE_MODES: tuple[str, ...] = ("none", "last-stage")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 #: normalisations of a map before its box threshold (``gapcam.localizer``)
 BOX_NORMALIZATIONS: tuple[str, ...] = ("minmax", "max")
+#: input pixels per cell of the last feature map: 32 is the plain network, 16 and 8 run its
+#: last stride-2 stage(s) dilated (``gapcam.models.dense``)
+OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
 #: named view settings (``Localizer.from_preset``, ``--preset``), measured on the ILSVRC dev
 #: set in docs/evaluate.md: ``cam`` is the paper's single pass (the default)
 PRESETS: dict[str, dict[str, Any]] = {

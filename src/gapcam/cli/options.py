@@ -21,6 +21,7 @@ from gapcam.types import (
     BACKENDS,
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
+    OUTPUT_STRIDES,
     PRECISIONS,
     PRESETS,
     RESIZE_MODES,
@@ -78,6 +79,13 @@ def add_views(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hflip", action="store_true", help="average with the mirrored image's CAM")
     p.add_argument(
         "--scales", type=float, nargs="+", metavar="S", help="average CAMs over input sizes"
+    )
+    p.add_argument(
+        "--output-stride",
+        type=int,
+        choices=OUTPUT_STRIDES,
+        help="input pixels per map cell: 16 or 8 run the last stage dilated for 4x or 16x the "
+        "cells, same weights and predictions (EfficientNet-Lite, ResNets; default: 32)",
     )
 
 
@@ -169,6 +177,7 @@ def localizer_options(args: argparse.Namespace) -> dict[str, Any]:
         getattr(args, "input_size", None),
         getattr(args, "hflip", False),
         getattr(args, "scales", None),
+        getattr(args, "output_stride", None),
     )
     if hasattr(args, "streams"):
         options["streams"] = _streams(args)

@@ -32,6 +32,34 @@ from gapcam.types import Preprocess
 HEADS = ("linear", "conv-relu")
 
 
+@dataclass(frozen=True)
+class Subgrid:
+    """Where the plain network's cells lie in the feature grid: every ``step``-th cell from
+    ``phase`` (row, column). ``step`` is 1 for a plain network; a dilated one
+    (``gapcam.models.dense``) has a ``step`` times finer grid whose sub-grid holds the plain
+    features, so its logits (global average pooling over the sub-grid) are the plain ones.
+    """
+
+    step: int = 1
+    phase: tuple[int, int] = (0, 0)
+
+    def take(self, features: torch.Tensor) -> torch.Tensor:
+        """The plain cells of N x C x h x w features (the features themselves when step is 1)."""
+        if self.step == 1:
+            return features
+        row, column = self.phase
+        return features[..., row :: self.step, column :: self.step]
+
+    @property
+    def shift(self) -> tuple[float, float]:
+        """(rows, columns): how far, in cells of this grid, its cells are drawn from the
+        centred places ((j + 1/2) x the grid's stride): the sub-grid's cells are drawn where
+        the plain network's cells are (each at the centre of its stride-32 square), so cell
+        ``phase + step * i`` sits at ``(i + 1/2) * 32`` pixels, i.e. ``(j + 1/2 + shift) *
+        32 / step`` for cell j."""
+        return tuple(self.step / 2 - p - 0.5 for p in self.phase)  # type: ignore[return-value]
+
+
 @dataclass(eq=False)
 class GapModel:
     """A network that ends in global average pooling + one linear layer, seen by gapcam."""
@@ -45,6 +73,7 @@ class GapModel:
     head: str = "linear"
     aliases: Sequence[str] = ()
     source: str = "custom"
+    subgrid: Subgrid = field(default_factory=Subgrid)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -91,11 +120,21 @@ class GapModel:
     def device(self) -> torch.device:
         return self.weight.device
 
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per feature cell: 32 for the supported networks, 16 or 8 dilated."""
+        return 32 // self.subgrid.step
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from feature maps through the head: equals ``module(x)``."""
+        """Logits from feature maps through the head: equals ``module(x)`` (of the plain
+        network, for a dilated one: its sub-grid's cells are the plain cells)."""
         from gapcam.cam import logits_from_features
 
-        return logits_from_features(features, self.weight, self.bias, self.head)
+        return logits_from_features(self.subgrid.take(features), self.weight, self.bias, self.head)
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Global average pooling of feature maps, N x C, as the head pools them."""
+        return self.subgrid.take(features).mean(dim=(2, 3))
 
     # -- classes --------------------------------------------------------------------------------
     def class_index(self, query: int | str) -> int:
@@ -146,6 +185,8 @@ def weights_digest(model: GapModel, kind: str, extra: str = "", *, head: bool = 
     """sha256 of ``kind``, the model's name, ``extra`` and every tensor of its module (name,
     dtype, shape and values, in name order): what a cache keys its entries by. ``head=False``
     leaves the classifier's tensors out (entries that outlive a new head)."""
+    if model.subgrid.step > 1:  # a dilated module computes other features from the same tensors
+        extra = f"{extra}\noutput_stride={model.output_stride}"
     digest = hashlib.sha256(f"{kind}\n{model.name}\n{extra}".encode())
     classifier = model.classifier.state_dict(keep_vars=True).values()
     skipped = set() if head else {id(t) for t in classifier}

@@ -166,7 +166,7 @@ def _run_batch(
     x = images.to_tensor([array for _, array, _ in pending], model.preprocess)
     x = x.to(device=model.device, dtype=model.weight.dtype)
     with inference_state(model.module):
-        pooled = model.features(x).mean(dim=(2, 3)).float().cpu().numpy()
+        pooled = model.pooled(model.features(x)).float().cpu().numpy()
     for (index, _, digest), vector in zip(pending, pooled, strict=True):
         vectors[index] = np.ascontiguousarray(vector)
         if cache is not None:

@@ -114,7 +114,7 @@ def trainable_stage(model: GapModel, names: Sequence[str]) -> Iterator[list[nn.P
 def _pooled(model: GapModel, arrays: list[np.ndarray]) -> torch.Tensor:
     x = images.to_tensor(arrays, model.preprocess)
     x = x.to(device=model.device, dtype=model.weight.dtype)
-    return model.features(x).mean(dim=(2, 3)).float()
+    return model.pooled(model.features(x)).float()
 
 
 def _load(path: Path) -> Image.Image:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.layers import Conv2dSame
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 import gapcam
 from gapcam import cam
 from gapcam.cli import main
-from gapcam.errors import GapcamError, UnsupportedModelError
+from gapcam.errors import GapcamError, ModelError, UnsupportedModelError
 from gapcam.models import GapModel, build_model, inference_state
 from gapcam.models.base import Subgrid
 from gapcam.models.dense import dilate
@@ -76,55 +77,73 @@ def strided_model(kernel: int = 3, tf_same: bool = False, gate: bool = False) ->
 
 
 @pytest.mark.parametrize(
-    ("kernel", "tf_same", "output_stride", "phase"),
+    ("kernel", "tf_same", "output_stride", "size", "phase"),
     [
         # symmetric padding centres a stride-2 output i on input cell 2i: phase 0 at every level
-        (3, False, 16, 0),
-        (5, False, 16, 0),
-        (3, False, 8, 0),
+        (3, False, 16, (96, 160), 0),
+        (5, False, 16, (96, 160), 0),
+        (3, False, 8, (96, 160), 0),
+        (3, False, 16, (48, 80), 0),
         # TF "same" pads (k-1)/2 - 1/2 cells before an even input: output i on cell 2i + 1, so
         # the plain cell i is the dense cell 2i + 1, and 4i + 2 + 1 two stages down
-        (3, True, 16, 1),
-        (5, True, 16, 1),
-        (3, True, 8, 3),
+        (3, True, 16, (96, 160), 1),
+        (5, True, 16, (96, 160), 1),
+        (3, True, 8, (96, 160), 3),
+        # ... and symmetrically before an odd one (48 and 80 give 3 x 5 cells at stride 16)
+        (3, True, 16, (48, 80), 0),
+        (5, True, 16, (48, 80), 0),
     ],
 )
 def test_the_plain_features_are_the_derived_sub_grid(
-    kernel: int, tf_same: bool, output_stride: int, phase: int
+    kernel: int, tf_same: bool, output_stride: int, size: tuple[int, int], phase: int
 ) -> None:
     plain = strided_model(kernel, tf_same)
-    dense = dilate(plain, output_stride)
+    dense = dilate(plain, output_stride, [size])
     step = 32 // output_stride
-    assert dense.subgrid == Subgrid(step, (phase, phase))
     assert dense.output_stride == output_stride
-    x = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with inference_state(plain.module), inference_state(dense.module):
         f_plain, f_dense = plain.features(x), dense.features(x)
         logits = dense.logits(f_dense)
         own = plain.module(x)
-    assert f_dense.shape[-2:] == (3 * step, 5 * step)
+    grid = (f_dense.shape[-2], f_dense.shape[-1])
+    assert dense.subgrid(grid) == Subgrid(step, (phase, phase))
+    assert f_plain.shape[-2:] == (-(-size[0] // 32), -(-size[1] // 32))
     torch.testing.assert_close(f_dense[..., phase::step, phase::step], f_plain)
-    torch.testing.assert_close(logits, own, rtol=1e-5, atol=1e-4)
-    assert dense.subgrid.shift == (step / 2 - phase - 0.5,) * 2
+    torch.testing.assert_close(logits, own, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("step", "phase"), [(2, 0), (2, 1), (4, 0), (4, 3)])
+def test_a_size_it_was_not_checked_at_is_refused() -> None:
+    dense = dilate(strided_model(), 16)  # checked at the probe size only
+    with pytest.raises(ModelError, match=r"not been checked at a size that gives a \(3, 5\) grid"):
+        dense.logits(torch.zeros(1, 8, 3, 5))
+
+
+@pytest.mark.parametrize(
+    ("step", "phase", "plain_cells"),
+    [(2, 0, (7, 5)), (2, 1, (7, 5)), (4, 0, (7, 5)), (4, 3, (7, 5)), (2, 0, (8, 9))],
+)
 @pytest.mark.parametrize("region", [(0.0, 0.0, 1.0, 1.0), (0.1, 0.0, 0.9, 1.0)])
 def test_a_dense_grid_holding_the_plain_map_is_drawn_as_the_plain_map(
-    step: int, phase: int, region: tuple[float, float, float, float]
+    step: int, phase: int, plain_cells: tuple[int, int], region: tuple[float, float, float, float]
 ) -> None:
     """The placement: a dense grid whose sub-grid cells are the plain cells and whose other
     cells lie on the plain map's bilinear surface is drawn exactly as the plain map, so denser
-    maps never displace anything."""
-    plain = torch.randn(1, 2, 7, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    shift = (step / 2 - phase - 0.5,) * 2
-    rows, columns = (np.arange(7 * step) - phase) / step, (np.arange(5 * step) - phase) / step
-    dense = torch.from_numpy(_bilinear(plain.numpy(), rows, columns))
+    maps never displace anything. Odd dense grids (8 x 9 plain cells in 15 x 17: TF padding
+    before an odd input) too."""
+    rows, columns = plain_cells
+    plain = torch.randn(1, 2, rows, columns, generator=torch.Generator().manual_seed(2))
+    plain = plain.double()
+    odd = plain_cells == (8, 9)
+    grid = (2 * rows - 1, 2 * columns - 1) if odd else (rows * step, columns * step)
+    at_rows, at_columns = (np.arange(grid[0]) - phase) / step, (np.arange(grid[1]) - phase) / step
+    dense = torch.from_numpy(_bilinear(plain.numpy(), at_rows, at_columns))
+    placement = Subgrid(step, (phase, phase)).placement(grid)
     size = (91, 65)
     expected = cam.upsample(plain, size, region)
-    drawn = cam.upsample(dense, size, cam.placed(region, shift, (7 * step, 5 * step)))
+    drawn = cam.upsample(dense, size, cam.placed(region, placement))
     torch.testing.assert_close(drawn, expected, rtol=0, atol=1e-9)
-    # the centred placement would move it by (step / 2 - phase - 1/2) cells
+    # drawn evenly over the input instead, the map would move
     assert not torch.allclose(cam.upsample(dense, size, region), expected, atol=1e-3)
 
 
@@ -143,33 +162,40 @@ def _bilinear(grid: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.nda
     return along(along(grid, rows, 2), columns, 3)
 
 
-def test_merged_views_keep_the_placement() -> None:
-    """A mirrored view's grid, mirrored back, is drawn at the opposite shift; merging resamples
-    it onto the others' and the merged grid keeps their shift."""
-    generator = torch.Generator().manual_seed(3)
-    plain = torch.randn(1, 1, 7, 7, generator=generator, dtype=torch.float64)
-    for phase in (0, 1):
-        shift = (0.5 - phase, 0.5 - phase)
-        at = (np.arange(14) - phase) / 2
-        dense = torch.from_numpy(_bilinear(plain.numpy(), at, at))
-        mirrored_at = (np.arange(14) - (1 - phase)) / 2  # the mirrored input's grid, flipped back
-        mirrored = torch.from_numpy(_bilinear(plain.numpy(), at, mirrored_at)).flip(-1)
-        merged = cam.merge_views([dense, mirrored], [False, True], shift)
-        size = (70, 70)
-        expected = cam.upsample(plain, size)
-        drawn = cam.upsample(merged, size, cam.placed((0.0, 0.0, 1.0, 1.0), shift, (14, 14)))
-        torch.testing.assert_close(drawn, expected, rtol=0, atol=1e-9)
+@pytest.mark.parametrize(("phase", "cells"), [(0, 14), (1, 14), (0, 13)])
+def test_merged_views_keep_the_placement(phase: int, cells: int) -> None:
+    """A mirrored view's grid, mirrored back, has its plain cells counted from the other edge
+    (``Subgrid.mirrored``); merging resamples it onto the other view's grid, whose placement
+    the merged grid keeps, and a coarser view (a smaller scale) is placed by its own."""
+    plain = torch.randn(1, 1, 7, 7, generator=torch.Generator().manual_seed(3)).double()
+    subgrid = Subgrid(2, (phase, phase))
+    grid = (cells, cells)
+    at = (np.arange(cells) - phase) / 2
+    dense = torch.from_numpy(_bilinear(plain.numpy(), at, at))
+    flipped = subgrid.mirrored(grid)
+    mirrored_at = (np.arange(cells) - flipped.phase[1]) / 2  # the mirrored input's grid, back
+    mirrored = torch.from_numpy(_bilinear(plain.numpy(), at, mirrored_at)).flip(-1)
+    coarse = plain  # a plain view at the same size: its own (centred) placement
+    placements = [subgrid.placement(grid), flipped.placement(grid), cam.CENTRED]
+    merged, placement = cam.merge_views([dense, mirrored, coarse], [False, True, False], placements)
+    assert placement == subgrid.placement(grid)
+    size = (70, 70)
+    expected = cam.upsample(plain, size)
+    drawn = cam.upsample(merged, size, cam.placed((0.0, 0.0, 1.0, 1.0), placement))
+    torch.testing.assert_close(drawn, expected, rtol=0, atol=1e-9)
 
 
-def test_no_shift_merges_as_before() -> None:
+def test_centred_views_merge_as_before() -> None:
     generator = torch.Generator().manual_seed(4)
     views = [
         torch.randn(1, 2, 7, 7, generator=generator),
         torch.randn(1, 2, 11, 11, generator=generator),
     ]
-    assert torch.equal(
-        cam.merge_views(views, [False, True]), cam.merge_views(views, [False, True], (0.0, 0.0))
-    )
+    merged, placement = cam.merge_views(views, [False, True])
+    coarse = F.interpolate(views[0], size=(11, 11), mode="bilinear", align_corners=False)
+    expected = (coarse + views[1].flip(-1)) / 2
+    torch.testing.assert_close(merged, expected)
+    assert placement == cam.CENTRED
 
 
 # -- real networks ---------------------------------------------------------------------------------
@@ -191,7 +217,7 @@ def network(request: pytest.FixtureRequest) -> GapModel:
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_cam_identities_on_dilated_networks(network: GapModel, output_stride: int) -> None:
-    dense = dilate(network, output_stride)
+    dense = dilate(network, output_stride, [(224, 224)])
     step = 32 // output_stride
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     classes = torch.tensor([[0, 5], [999, 281]])
@@ -204,7 +230,7 @@ def test_cam_identities_on_dilated_networks(network: GapModel, output_stride: in
     torch.testing.assert_close(logits, own, rtol=1e-4, atol=1e-4)
     f64, w64 = features.double().numpy(), dense.weight.detach().double().numpy()
     b64 = dense.bias.detach().double().numpy()
-    row, column = dense.subgrid.phase
+    row, column = dense.subgrid((7 * step, 7 * step)).phase
     for n in range(2):
         for j, c in enumerate(classes[n].tolist()):
             expected = np.tensordot(w64[c], f64[n], axes=1)  # sum_k w[c, k] f_k, every cell
@@ -264,7 +290,7 @@ def test_sub_grid_cells_are_drawn_where_the_plain_cells_are(network: GapModel, h
     for ours, theirs in zip(dense.predictions, plain.predictions, strict=True):
         assert ours.logit == pytest.approx(theirs.logit, abs=1e-4)
     assert dense.maps[0].low_res.shape == (14, 14)
-    row, column = dilate(network, 16).subgrid.phase
+    row, column = dilate(network, 16, [(224, 224)]).subgrid((14, 14)).phase
     np.testing.assert_allclose(
         dense.maps[0].low_res[row::2, column::2], plain.maps[0].low_res, rtol=1e-4, atol=1e-4
     )
@@ -334,3 +360,19 @@ def test_the_command_line_option(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert err.count("\n") == 1
     assert "use --output-stride 32" in err
     assert "transition2.pool" in err
+
+
+@pytest.mark.parametrize(("name", "grid"), [("efficientnet_lite1", 15), ("efficientnet_lite2", 17)])
+def test_lite1_and_lite2_run_dilated_at_their_own_sizes(name: str, grid: int) -> None:
+    """240 and 260 px give an odd grid before the last stride-2 layer: TF padding is symmetric
+    there, so the plain cells are the even dense cells (15 = 2 x 8 - 1, 17 = 2 x 9 - 1)."""
+    model = build_model(name)
+    image = Image.open(EXAMPLES / "coffee.jpg").convert("RGB")
+    plain = gapcam.Localizer(model)(image)
+    localizer = gapcam.Localizer(model, output_stride=16)
+    dense = localizer(image)
+    assert localizer.preprocess.size == model.preprocess.size
+    assert localizer.gap_model.subgrid((grid, grid)) == Subgrid(2, (0, 0))
+    assert dense.maps[0].low_res.shape == (grid, grid)
+    assert [p.index for p in dense.predictions] == [p.index for p in plain.predictions]
+    np.testing.assert_allclose(dense.maps[0].low_res[::2, ::2], plain.maps[0].low_res, atol=1e-3)

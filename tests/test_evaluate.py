@@ -145,9 +145,9 @@ def test_presets(rednet: GapModel) -> None:
 
 def test_merge_views_mirrors_back_and_resamples() -> None:
     a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    assert torch.equal(cam.merge_views([a, a.flip(-1)], [False, True]), a)
+    assert torch.equal(cam.merge_views([a, a.flip(-1)], [False, True])[0], a)
     coarse = torch.full((1, 1, 1, 1), 5.0)
-    assert torch.allclose(cam.merge_views([a, coarse], [False, False]), (a + 5) / 2)
+    assert torch.allclose(cam.merge_views([a, coarse], [False, False])[0], (a + 5) / 2)
     with pytest.raises(ValueError, match="one per view"):
         cam.merge_views([a], [])
 

@@ -129,7 +129,9 @@ def test_unknown_class(localizer: Localizer, cat_path: Path, classes: list, mess
         localizer(cat_path, classes=classes)
 
 
-def test_top_k_maps_and_predictions_lists(cat_result: Result, localizer: Localizer, cat_path: Path) -> None:
+def test_top_k_maps_and_predictions_lists(
+    cat_result: Result, localizer: Localizer, cat_path: Path
+) -> None:
     predictions = cat_result.predictions
     assert len(predictions) == 5
     assert all(a.probability >= b.probability for a, b in itertools.pairwise(predictions))

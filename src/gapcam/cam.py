@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from gapcam.types import CENTRED, Placement
+
 NORMALIZATIONS = ("minmax", "max", "none")
 
 #: Relative spread below which a map counts as flat for ``minmax`` (float rounding, not signal).
@@ -113,47 +115,61 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
 
 
 def placed(
-    region: tuple[float, float, float, float],
-    shift: tuple[float, float],
-    grid: tuple[int, int],
+    region: tuple[float, float, float, float], placement: Placement
 ) -> tuple[float, float, float, float]:
-    """``region`` for ``upsample`` of an h x w grid whose cell j is drawn at ``(j + 1/2 +
-    shift) / size`` of the input (``Subgrid.shift``: a dilated network's grid) instead of the
-    centred ``(j + 1/2) / size``: the same region, moved by ``-shift`` cells."""
-    rows, columns = shift
-    if rows == columns == 0:
+    """``region`` (input fractions, as ``upsample`` takes it) for a grid drawn by
+    ``placement`` instead of evenly over the input (a dilated network's grid: its plain
+    sub-grid cells are drawn where the plain grid's are, ``Subgrid.placement``)."""
+    if placement == CENTRED:
         return region
-    h, w = grid
+    (row_scale, row_offset), (column_scale, column_offset) = placement
     u0, v0, u1, v1 = region
-    return (u0 - columns / w, v0 - rows / h, u1 - columns / w, v1 - rows / h)
+    return (
+        column_scale * u0 + column_offset,
+        row_scale * v0 + row_offset,
+        column_scale * u1 + column_offset,
+        row_scale * v1 + row_offset,
+    )
 
 
 def merge_views(
     maps: Sequence[torch.Tensor],
     mirrored: Sequence[bool],
-    shift: tuple[float, float] = (0.0, 0.0),
-) -> torch.Tensor:
+    placements: Sequence[Placement] | None = None,
+) -> tuple[torch.Tensor, Placement]:
     """The mean of CAMs of several views of the same images (each N x k x h_i x w_i).
 
     A view made from the horizontally mirrored input is mirrored back first; every map is then
     resampled bilinearly (align_corners=False) to the finest grid (largest h, largest w) and
     the maps are averaged there: N x k x h x w. Views must cover the same region of the images.
-    ``shift``: where each grid's cells are drawn (``placed``); the merged grid has the same.
-    A mirrored view's grid, mirrored back, has the opposite column shift: it is resampled
-    onto the others'.
+    ``placements``: how each view's grid (mirrored back) lies over the input (``placed``;
+    all centred when None); the maps are resampled onto the grid of the first view with the
+    finest grid, whose placement is returned with the mean.
     """
     if not maps or len(maps) != len(mirrored):
         raise ValueError(f"{len(maps)} maps and {len(mirrored)} mirrored flags; give one per view")
+    placements = list(placements or [CENTRED] * len(maps))
     height = max(m.shape[-2] for m in maps)
     width = max(m.shape[-1] for m in maps)
-    rows, columns = shift
-    target = placed((0.0, 0.0, 1.0, 1.0), (-rows, -columns), (height, width))
+    finest = next(i for i, m in enumerate(maps) if m.shape[-2:] == (height, width))
+    target = placements[finest]
+    # the input fractions under the target grid's pixels: grid fraction g = scale * x + offset
+    (row_scale, row_offset), (column_scale, column_offset) = target
+    under = (
+        -column_offset / column_scale,
+        -row_offset / row_scale,
+        (1 - column_offset) / column_scale,
+        (1 - row_offset) / row_scale,
+    )
     total = maps[0].new_zeros((*maps[0].shape[:2], height, width))
-    for view, flip in zip(maps, mirrored, strict=True):
+    for view, flip, placement in zip(maps, mirrored, placements, strict=True):
         view = view.flip(-1) if flip else view
-        own = (rows, -columns if flip else columns)
-        region = placed(target, own, tuple(view.shape[-2:]))  # type: ignore[arg-type]
-        if view.shape[-2:] != (height, width) or region != (0.0, 0.0, 1.0, 1.0):
-            view = upsample(view, (height, width), region)
+        if placement == target:
+            if view.shape[-2:] != (height, width):
+                view = F.interpolate(
+                    view, size=(height, width), mode="bilinear", align_corners=False
+                )
+        else:
+            view = upsample(view, (height, width), placed(under, placement))
         total += view
-    return total / len(maps)
+    return total / len(maps), target

@@ -34,6 +34,7 @@ from gapcam.types import (
     PRESETS,
     RESIZE_MODES,
     ClassMap,
+    Placement,
     Prediction,
     Preprocess,
     Settings,
@@ -90,7 +91,9 @@ class Localizer:
     image; ``scales`` (factors of the input size) adds resized copies. With several views the
     logits are averaged, and so are the CAMs (each mirrored back and resampled bilinearly to
     the finest feature grid, which is what ``ClassMap.low_res`` then holds) before the
-    normalisation. ``backend`` runs the feature extractor: ``eager`` (PyTorch, the default
+    normalisation. ``output_stride`` 16 or 8 runs the network's last stride-2 stage(s)
+    dilated (``gapcam.models.dense``): 4x or 16x the map cells from the same weights, the same
+    logits. ``backend`` runs the feature extractor: ``eager`` (PyTorch, the default
     here), ``onnx`` (ONNX Runtime) or ``auto`` (see ``gapcam.backends``; speed measured in
     docs/speed.md).
 
@@ -182,7 +185,8 @@ class Localizer:
         if device is not None and device != model.device:
             model.module.to(device)  # asked for explicitly: a given model moves too
         # dilated after the move: the copy shares the moved parameters and buffers
-        setattr_(self, "_model", dilate(model, self.output_stride))
+        sizes = [view.size for view, _ in self.views()]
+        setattr_(self, "_model", dilate(model, self.output_stride, sizes))
         threads = max(1, torch.get_num_threads() // self.streams) if self.streams > 1 else 0
         runner = make_backend(
             self._model,
@@ -375,8 +379,14 @@ class Localizer:
                 cam.class_maps(f, model.weight, mapped, model.bias, model.head).float()
                 for f in features
             ]
-        shift = model.subgrid.shift
-        low = lows[0] if len(lows) == 1 else cam.merge_views(lows, [f for _, f in views], shift)
+        placements = []
+        for f, (_, flip) in zip(features, views, strict=True):
+            cells = (f.shape[-2], f.shape[-1])
+            subgrid = model.subgrid(cells)
+            placements.append((subgrid.mirrored(cells) if flip else subgrid).placement(cells))
+        low, placement = lows[0], placements[0]
+        if len(lows) > 1:
+            low, placement = cam.merge_views(lows, [f for _, f in views], placements)
         grid = max(range(len(views)), key=lambda v: lows[v].shape[-2] * lows[v].shape[-1])
         preprocess = views[grid][0]
         settings = self.settings()
@@ -392,6 +402,7 @@ class Localizer:
                 probability_rows[i],
                 top_rows[i],
                 preprocess,
+                placement,
                 settings,
             )
             for i, item in enumerate(loaded)
@@ -448,6 +459,7 @@ class Localizer:
         probabilities: list[float],
         top: list[int],
         preprocess: Preprocess,
+        placement: Placement,
         settings: Settings,
     ) -> Result:
         names = self._model.class_names
@@ -457,8 +469,7 @@ class Localizer:
 
         width, height = item.size
         _, image_region = images.fit_region(width, height, preprocess)
-        shift = self._model.subgrid.shift
-        region = cam.placed(image_region, shift, tuple(low.shape[-2:]))  # type: ignore[arg-type]
+        region = cam.placed(image_region, placement)
         size, full = map_size(width, height), (height, width)
         box_maps = normalized_maps(low, size, region, settings)
         kept = None

@@ -31,6 +31,14 @@ BOX_NORMALIZATIONS: tuple[str, ...] = ("minmax", "max")
 #: input pixels per cell of the last feature map: 32 is the plain network, 16 and 8 run its
 #: last stride-2 stage(s) dilated (``gapcam.models.dense``)
 OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
+#: how a feature grid lies over the network input, per axis (rows, columns): ``(scale,
+#: offset)`` such that the input fraction x is at the grid fraction ``scale * x + offset``
+#: (cell j of an m-cell grid spans the grid fractions j / m to (j + 1) / m). ``CENTRED``, a
+#: plain network's grid, evenly covers the input (bilinear upsampling, align_corners=False);
+#: a dilated network's grid is drawn so that its plain cells land there too (``gapcam.cam.
+#: placed``, ``gapcam.models.base.Subgrid.placement``)
+Placement = tuple[tuple[float, float], tuple[float, float]]
+CENTRED: Placement = ((1.0, 0.0), (1.0, 0.0))
 #: named view settings (``Localizer.from_preset``, ``--preset``), measured on the ILSVRC dev
 #: set in docs/evaluate.md: ``cam`` is the paper's single pass (the default)
 PRESETS: dict[str, dict[str, Any]] = {

@@ -261,6 +261,7 @@ def _settings_part(localizer: Localizer) -> dict[str, Any]:
         "hflip": localizer.hflip,
         "scales": list(localizer.scales),
         "precision": localizer.precision,
+        "output_stride": localizer.output_stride,
         "cam_thresholds": "0.00 to 0.99 step 0.01, pixels >= threshold",
         "iou": "inclusive pixels: area = (x1 - x0 + 1) * (y1 - y0 + 1)",
         "connectivity": 8,

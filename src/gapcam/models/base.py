@@ -27,17 +27,17 @@ import torch
 from torch import nn
 
 from gapcam.errors import ClassSelectionError, ModelError
-from gapcam.types import Preprocess
+from gapcam.types import CENTRED, Placement, Preprocess
 
 HEADS = ("linear", "conv-relu")
 
 
 @dataclass(frozen=True)
 class Subgrid:
-    """Where the plain network's cells lie in the feature grid: every ``step``-th cell from
-    ``phase`` (row, column). ``step`` is 1 for a plain network; a dilated one
-    (``gapcam.models.dense``) has a ``step`` times finer grid whose sub-grid holds the plain
-    features, so its logits (global average pooling over the sub-grid) are the plain ones.
+    """Where the plain network's cells lie in a dilated network's feature grid: every
+    ``step``-th cell from ``phase`` (row, column); ``step`` 1 is a plain network. The plain
+    features are that sub-grid (``gapcam.models.dense``), so the logits (global average
+    pooling over it) are the plain ones.
     """
 
     step: int = 1
@@ -50,14 +50,27 @@ class Subgrid:
         row, column = self.phase
         return features[..., row :: self.step, column :: self.step]
 
-    @property
-    def shift(self) -> tuple[float, float]:
-        """(rows, columns): how far, in cells of this grid, its cells are drawn from the
-        centred places ((j + 1/2) x the grid's stride): the sub-grid's cells are drawn where
-        the plain network's cells are (each at the centre of its stride-32 square), so cell
-        ``phase + step * i`` sits at ``(i + 1/2) * 32`` pixels, i.e. ``(j + 1/2 + shift) *
-        32 / step`` for cell j."""
-        return tuple(self.step / 2 - p - 0.5 for p in self.phase)  # type: ignore[return-value]
+    def placement(self, grid: tuple[int, int]) -> Placement:
+        """How a dense ``grid`` (h, w) is drawn: its sub-grid cells exactly where the plain
+        network's cells are drawn. The plain grid's n cells evenly cover the input (cell i
+        centred on the input fraction ``(i + 1/2) / n``), and dense cell ``phase + step * i``
+        is plain cell i, so dense cell j is centred on ``((j - phase) / step + 1/2) / n``."""
+        if self.step == 1:
+            return CENTRED
+        axes = []
+        for m, phase in zip(grid, self.phase, strict=True):
+            n = -(-(m - phase) // self.step)  # the plain cells: phase, phase + step, ... < m
+            axes.append((n * self.step / m, (phase + 0.5 - self.step / 2) / m))
+        return axes[0], axes[1]
+
+    def mirrored(self, grid: tuple[int, int]) -> Subgrid:
+        """The sub-grid of a dense ``grid`` made from the mirrored input, mirrored back: the
+        plain cells counted from the other edge."""
+        if self.step == 1:
+            return self
+        row, column = self.phase
+        n = -(-(grid[1] - column) // self.step)
+        return Subgrid(self.step, (row, grid[1] - 1 - column - self.step * (n - 1)))
 
 
 @dataclass(eq=False)
@@ -73,7 +86,10 @@ class GapModel:
     head: str = "linear"
     aliases: Sequence[str] = ()
     source: str = "custom"
-    subgrid: Subgrid = field(default_factory=Subgrid)
+    #: 1 for a plain network; 2 or 4 when its last stage(s) run dilated (``models.dense``),
+    #: with ``subgrids``: the checked sub-grid of each dense grid size (h, w) it has run at
+    step: int = 1
+    subgrids: dict[tuple[int, int], Subgrid] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -123,18 +139,34 @@ class GapModel:
     @property
     def output_stride(self) -> int:
         """Input pixels per feature cell: 32 for the supported networks, 16 or 8 dilated."""
-        return 32 // self.subgrid.step
+        return 32 // self.step
+
+    def subgrid(self, grid: tuple[int, int] | torch.Size) -> Subgrid:
+        """The plain cells of a feature ``grid`` (h, w) of this network."""
+        if self.step == 1:
+            return Subgrid()
+        found = self.subgrids.get((int(grid[0]), int(grid[1])))
+        if found is None:
+            raise ModelError(
+                f"{self.name}: dilated, it has not been checked at a size that gives a "
+                f"{tuple(grid)} grid; run gapcam.models.dense.check_sizes(model, [size]) first"
+            )
+        return found
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from feature maps through the head: equals ``module(x)`` (of the plain
         network, for a dilated one: its sub-grid's cells are the plain cells)."""
         from gapcam.cam import logits_from_features
 
-        return logits_from_features(self.subgrid.take(features), self.weight, self.bias, self.head)
+        return logits_from_features(self.pooled_cells(features), self.weight, self.bias, self.head)
+
+    def pooled_cells(self, features: torch.Tensor) -> torch.Tensor:
+        """The cells the head pools: all of them, or a dilated network's plain sub-grid."""
+        return self.subgrid(features.shape[-2:]).take(features)
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         """Global average pooling of feature maps, N x C, as the head pools them."""
-        return self.subgrid.take(features).mean(dim=(2, 3))
+        return self.pooled_cells(features).mean(dim=(2, 3))
 
     # -- classes --------------------------------------------------------------------------------
     def class_index(self, query: int | str) -> int:
@@ -185,7 +217,7 @@ def weights_digest(model: GapModel, kind: str, extra: str = "", *, head: bool = 
     """sha256 of ``kind``, the model's name, ``extra`` and every tensor of its module (name,
     dtype, shape and values, in name order): what a cache keys its entries by. ``head=False``
     leaves the classifier's tensors out (entries that outlive a new head)."""
-    if model.subgrid.step > 1:  # a dilated module computes other features from the same tensors
+    if model.step > 1:  # a dilated module computes other features from the same tensors
         extra = f"{extra}\noutput_stride={model.output_stride}"
     digest = hashlib.sha256(f"{kind}\n{model.name}\n{extra}".encode())
     classifier = model.classifier.state_dict(keep_vars=True).values()

@@ -12,34 +12,38 @@ stage's input grid. A stride-2 convolution with a k-wide kernel and ``pad_left``
 the first cell centres its output i on input cell ``2i + (k - 1) / 2 - pad_left``:
 
 - symmetric padding ((k - 1) / 2, torchvision's ResNets): on cell ``2i``;
-- TensorFlow's "same" padding on an even input (timm's ``tf_`` models, EfficientNet-Lite),
-  which puts the odd pixel of padding after the input: on cell ``2i + 1``.
+- TensorFlow's "same" padding (timm's ``tf_`` models, EfficientNet-Lite) pads
+  ``(k - 2) / 2`` rounded down before an even input (the odd pixel goes after it): on cell
+  ``2i + 1``; before an odd input it pads symmetrically: on cell ``2i``.
 
 At stride 1 with centred padding, output j is centred on cell j, so the plain output i is
 the dense output ``2i + phase`` (phase 0 or 1 above); the later layers, dilated by 2, read
 exactly the cells the plain ones read, zero padding included at the borders. With output
-stride 8 the two stages compose: cell ``4i + 2 * phase_16 + phase_8``.
+stride 8 the two stages compose: cell ``4i + 2 * phase_16 + phase_8``. The phase depends on
+the input size for TF padding (224 and 256: 1; Lite1's 240 and Lite2's 260, whose last
+stride-2 layer gets an odd grid: 0), so it is found for every input size a localizer uses.
 
 Nothing here relies on the derivation alone: ``dilate`` runs both networks on a probe input
-and keeps the result only when the sub-grid reproduces the plain features; otherwise
-(squeeze-excitation or attention that pools the whole map, a pooling layer in the stage, an
-even kernel) it refuses, naming the reason. The logits then come from the sub-grid
-(``GapModel.logits``), identical to the plain network's; the CAM is computed on every cell.
+(and at each given input size) and keeps the result only when the sub-grid reproduces the
+plain features; otherwise (squeeze-excitation or attention that pools the whole map, a
+pooling layer in the stage, an even kernel) it refuses, naming the reason. The logits then
+come from the sub-grid (``GapModel.logits``), identical to the plain network's; the CAM is
+computed on every cell.
 
-Where the cells are drawn (``Subgrid.shift``): the plain CAM draws its cell i at the centre of
-its stride-32 square, ``(i + 1/2) * 32`` pixels (bilinear upsampling with
-``align_corners=False``, as the CAM paper and wsolevaluation do). The dense grid is drawn so
-that its sub-grid cells land exactly there: dense cell ``j = 2i + phase`` at ``(i + 1/2) *
-32``, so cell j at ``(j + 1/2 + shift) * 16`` with ``shift = 1/2 - phase``. A dense map whose
-values are the plain map's, interpolated, is then drawn as the plain map: denser maps add
-detail, never a displacement (drawing the dense grid centred instead would move every map by
-8 pixels at 224, towards the bottom right for EfficientNet-Lite and the top left for
-ResNets).
+Where the cells are drawn (``Subgrid.placement``): the plain CAM's n cells evenly cover the
+input, cell i centred on ``(i + 1/2) / n`` of it (bilinear upsampling with
+``align_corners=False``, as the CAM paper and wsolevaluation draw it). The dense grid is
+drawn so that its sub-grid cells land exactly there: dense cell ``phase + 2i`` on ``(i +
+1/2) / n``, so cell j on ``((j - phase) / 2 + 1/2) / n``. A dense map whose values are the
+plain map's, interpolated, is then drawn as the plain map: denser maps add detail, never a
+displacement. (Drawing the dense grid evenly over the input instead would move every map by
+8 pixels at 224, down and right for EfficientNet-Lite, up and left for ResNets.)
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,17 +61,18 @@ PROBE = (64, 96)
 DYNAMIC_PADDING = ("Conv2dSame",)
 
 
-def dilate(model: GapModel, output_stride: int) -> GapModel:
+def dilate(model: GapModel, output_stride: int, sizes: Sequence[tuple[int, int]] = ()) -> GapModel:
     """``model`` with its last feature map at ``output_stride`` (32: ``model`` itself; 16 or 8:
     a new GapModel whose module is a copy sharing every parameter and buffer with ``model``'s,
-    so training one trains both). Raises ``UnsupportedModelError`` with the reason when the
-    network cannot run dilated exactly."""
+    so training one trains both), checked at the input ``sizes`` (height, width) it will run
+    at. Raises ``UnsupportedModelError`` with the reason when the network cannot run dilated
+    exactly."""
     if output_stride not in OUTPUT_STRIDES:
         choices = ", ".join(map(str, OUTPUT_STRIDES))
         raise UnsupportedModelError(f"output_stride={output_stride!r}: use one of {choices}")
     if output_stride == model.output_stride:
         return model
-    if model.subgrid.step != 1:
+    if model.step != 1:
         raise UnsupportedModelError(
             f"{model.name}: already dilated (output stride {model.output_stride}); "
             "dilate the plain model"
@@ -95,7 +100,9 @@ def dilate(model: GapModel, output_stride: int) -> GapModel:
         aliases=model.aliases,
         source=model.source,
     )
-    dense.subgrid = _sub_grid(model, dense, 32 // output_stride)
+    dense.step = 32 // output_stride
+    for size in dict.fromkeys([PROBE, *map(tuple, sizes)]):
+        _check(model, dense, size)  # type: ignore[arg-type]
     return dense
 
 
@@ -160,9 +167,9 @@ def _shared_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _probe(model: GapModel) -> torch.Tensor:
+def _probe(model: GapModel, size: tuple[int, int] = PROBE) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *PROBE, generator=generator)
+    x = torch.randn(2 if size == PROBE else 1, 3, *size, generator=generator)
     return x.to(device=model.device, dtype=model.weight.dtype)
 
 
@@ -177,20 +184,25 @@ def _features(model: GapModel, x: torch.Tensor) -> torch.Tensor:
 TOLERANCE = 1e-5
 
 
-def _sub_grid(plain: GapModel, dense: GapModel, step: int) -> Subgrid:
-    """The sub-grid of ``dense``'s features that equals ``plain``'s, checked on the probe."""
-    x = _probe(plain)
+def _check(plain: GapModel, dense: GapModel, size: tuple[int, int]) -> None:
+    """Find the sub-grid of ``dense``'s features that equals ``plain``'s at the input ``size``
+    and record it for that grid size (``GapModel.subgrids``); refuse when there is none."""
+    x = _probe(plain, size)
     ours, theirs = _features(dense, x), _features(plain, x)
+    step = dense.step
     tolerance = TOLERANCE * float(theirs.abs().max())
-    if tuple(ours.shape[-2:]) == tuple(s * step for s in theirs.shape[-2:]):
-        for row in range(step):
-            for column in range(step):
-                cells = ours[..., row::step, column::step]
-                if float((cells - theirs).abs().max()) <= tolerance:
-                    return Subgrid(step, (row, column))
+    for row in range(step):
+        for column in range(step):
+            cells = ours[..., row::step, column::step]
+            if cells.shape == theirs.shape and float((cells - theirs).abs().max()) <= tolerance:
+                grid = (ours.shape[-2], ours.shape[-1])
+                found = Subgrid(step, (row, column))
+                if dense.subgrids.setdefault(grid, found) != found:
+                    break  # two sizes with one grid but different sub-grids: not reliable
+                return
     raise UnsupportedModelError(
-        f"{plain.name}: run dilated, its features no longer contain the plain ones (a layer of "
-        "the last stage, such as squeeze-excitation or attention, sees the whole map, or its "
-        "padding cannot be centred), so its dense map would not explain its logits; "
-        "use output_stride=32"
+        f"{plain.name}: run dilated, its features no longer contain the plain ones at "
+        f"{size[0]}x{size[1]} (a layer of the last stage, such as squeeze-excitation or "
+        "attention, sees the whole map, or its padding cannot be centred), so its dense map "
+        "would not explain its logits; use output_stride=32"
     )

@@ -11,12 +11,15 @@ building and ONNX export are outside the timed part. Rows, per model:
 - ``forward eager`` / ``forward eager, malloc kept``: the module alone on preprocessed tensors
   (glibc default vs ``gapcam.pipeline.tune_allocator``); ``forward onnx``: ONNX Runtime, one
   batch at a time on all cores; ``forward onnx, 2 streams``: two threads running alternate
-  batches, each with half the cores (what the gapcam pipeline does). The faster of the two onnx
-  rows is *the limit*;
+  batches, each with half the cores (what the gapcam pipeline does). The faster of the two
+  float32 onnx rows is *the limit*; ``forward onnx int8`` (and ``, 2 streams``): the same with
+  the int8 model (``gapcam.quantize``, calibrated on the first 32 images);
 - ``gapcam cam-only``: ``Localizer.explain`` (auto backend) on decoded images, nothing written;
 - ``gapcam files->json`` / ``files->overlays``: ``gapcam localize`` (streaming pipeline, auto
-  backend) from the files to JSON boxes (``--no-overlay``), and to PNG overlays + JSON;
-  ``files->json, bfloat16``: the same with ``--precision bfloat16`` (eager, autocast);
+  backend) from the files to JSON boxes (``--no-overlay``), and to overlays + JSON (the
+  default ``--format auto``: JPEG overlays for these JPEG photos; ``, png``: ``--format png``);
+  ``files->json, bfloat16`` / ``, int8``: the same with ``--precision bfloat16`` (eager,
+  autocast) / ``--precision int8`` (onnx, calibrated on the run's first 32 images);
 - ``torchcam CAM`` / ``grad-cam GradCAM``: the peers on the same task, files -> top-1 CAM ->
   upsampled, min-max normalised, box at 0.2 (gapcam's box function) -> one JSON file. They need
   ``pip install torchcam grad-cam`` (benchmark environment only, not gapcam dependencies);
@@ -50,10 +53,14 @@ ROWS = (
     "forward eager, malloc kept",
     "forward onnx",
     "forward onnx, 2 streams",
+    "forward onnx int8",
+    "forward onnx int8, 2 streams",
     "gapcam cam-only",
     "gapcam files->json",
     "gapcam files->json, bfloat16",
+    "gapcam files->json, int8",
     "gapcam files->overlays",
+    "gapcam files->overlays, png",
     "torchcam CAM",
     "grad-cam GradCAM",
 )
@@ -104,8 +111,15 @@ def forward_row(row: str, model: Any, paths: Sequence[Path], batch: int) -> Call
     streams = 2 if row.endswith("2 streams") else 1
     threads = max(1, torch.get_num_threads() // streams) if streams > 1 else 0
     # eager rows: the plain module (default layout), as a user's loop runs it
-    features = make_backend(model, "onnx", threads=threads).features if "onnx" in row else None
     inputs = tensors(model, paths, batch)
+    features = None
+    if "int8" in row:  # calibrated on the first 32 images, as gapcam localize does
+        calibration = torch.cat(inputs)[:32]
+        features = make_backend(
+            model, "onnx", threads=threads, precision="int8", calibration=lambda _: calibration
+        ).features
+    elif "onnx" in row:
+        features = make_backend(model, "onnx", threads=threads).features
     model.module.eval()
 
     def forward(x: Any) -> None:
@@ -146,6 +160,10 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
         argv.append("--no-overlay")
     if row.endswith("bfloat16"):
         argv += ["--precision", "bfloat16"]
+    if row.endswith("int8"):
+        argv += ["--precision", "int8"]
+    if row.endswith("png"):
+        argv += ["--format", "png"]
     parser = cli.build_parser()
     runs = iter(range(1000))
 
@@ -155,8 +173,9 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
         run.run(parser.parse_args(["localize", str(folder), *out, *argv]))
         shutil.rmtree(tmp / f"out{i}", ignore_errors=True)
 
-    localizer = run._localizer(parser.parse_args(["localize", "x", *argv]))
-    run._localizer = lambda _args: localizer  # type: ignore[assignment]
+    inputs = [Path(p) for p in listing.read_text().split("\n")[1:] if p]
+    localizer = run._localizer(parser.parse_args(["localize", "x", *argv]), inputs)
+    run._localizer = lambda _args, _inputs: localizer  # type: ignore[assignment]
     return once
 
 
@@ -292,7 +311,7 @@ def table(results: list[tuple[str, str, int, dict[str, Any]]]) -> str:
     ]
     limit: dict[str, float] = {}
     for m, row, _, r in results:
-        if row.startswith("forward onnx") and "seconds" in r:
+        if row.startswith("forward onnx") and "int8" not in row and "seconds" in r:
             limit[m] = max(limit.get(m, 0.0), r["count"] / r["seconds"])
     for model, row, count, r in results:
         if "error" in r:

@@ -16,7 +16,10 @@ scores it (min-max normalised at the image's size, the wsolevaluation threshold 
 - MaxBoxAcc, GT-known loc and top-1 loc at the box threshold 0.2, top-1 classification;
 - images/s of ``Localizer.explain`` (forward passes, CAMs, upsampling, normalisation and the
   boxes at 0.2: what a user waits for; eager backend, batch 16, all of torch's threads),
-  and its cost relative to efficientnet_lite0's single pass, all measured in this run.
+  and its cost relative to efficientnet_lite0's single pass, all measured in this run: after
+  the quality pass, every row is timed on the same ``--timing-images`` images in turn,
+  ``--rounds`` times round-robin, and keeps its fastest round (a busy neighbour on a shared
+  machine slows a round, never speeds one up).
 
 Ensembles (``ENSEMBLES``): the mean of the three models' normalised maps at the image's size
 (each model's own min-max map), scored the same way; their cost is the sum of the members'.
@@ -84,7 +87,7 @@ class Row:
 
     @property
     def per_second(self) -> float:
-        return len(self.top1) / self.seconds
+        return 1.0 / self.seconds
 
 
 def max_box_acc_v2(any_iou: np.ndarray) -> float:
@@ -110,22 +113,15 @@ def interval(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def run(
-    model_name: str, config: str, samples: Sequence[Sample], keep_maps: bool, threads: int
-) -> Row:
-    localizer = Localizer(build_model(model_name), **CONFIGS[config])
-    torch.set_num_threads(threads)
-    loaded_all = [images.load_image(s.path, name=s.name) for s in samples]
-    localizer.explain(loaded_all[:2], classes_per_image=[[s.label] for s in samples[:2]])  # warm
+def run(localizer: Localizer, config: str, samples: Sequence[Sample], keep_maps: bool) -> Row:
+    """The quality pass of one row (untimed)."""
     any_iou, largest_iou, gt_known, top1, maps = [], [], [], [], []
-    seconds = 0.0
     for start in range(0, len(samples), BATCH):
-        batch, loaded = samples[start : start + BATCH], loaded_all[start : start + BATCH]
-        tick = time.perf_counter()
+        batch = samples[start : start + BATCH]
+        loaded = [images.load_image(s.path, name=s.name) for s in batch]
         results = localizer.explain(
             loaded, classes_per_image=[[s.label] for s in batch], predictions=5
         )
-        seconds += time.perf_counter() - tick
         for sample, result in zip(batch, results, strict=True):
             normalized = result.normalized[0]
             largest, best = metrics.sweep_ious(metrics.component_boxes(normalized), sample.boxes)
@@ -141,15 +137,39 @@ def run(
             if keep_maps:
                 maps.append(normalized.astype(np.float32))
     return Row(
-        model_name,
+        localizer.gap_model.name,
         config,
         np.asarray(any_iou),
         np.asarray(largest_iou),
         np.asarray(gt_known),
         np.asarray(top1),
-        seconds,
+        0.0,
         maps,
     )
+
+
+def time_rows(
+    rows: Sequence[Row], localizers: Sequence[Localizer], samples: Sequence[Sample], rounds: int
+) -> None:
+    """Seconds per image of each row's ``explain`` on ``samples``: round-robin over the rows,
+    ``rounds`` times, the fastest round kept (``Row.seconds`` holds it per image)."""
+    loaded = [images.load_image(s.path, name=s.name) for s in samples]
+    classes = [[s.label] for s in samples]
+    best = [float("inf")] * len(rows)
+    for localizer in localizers:  # warm-up: first calls allocate
+        localizer.explain(loaded[:BATCH], classes_per_image=classes[:BATCH])
+    for _ in range(rounds):
+        for i, localizer in enumerate(localizers):
+            tick = time.perf_counter()
+            for start in range(0, len(loaded), BATCH):
+                localizer.explain(
+                    loaded[start : start + BATCH],
+                    classes_per_image=classes[start : start + BATCH],
+                    predictions=5,
+                )
+            best[i] = min(best[i], (time.perf_counter() - tick) / len(loaded))
+    for row, seconds in zip(rows, best, strict=True):
+        row.seconds = seconds
 
 
 def ensemble(members: Sequence[Row], samples: Sequence[Sample]) -> Row:
@@ -162,13 +182,26 @@ def ensemble(members: Sequence[Row], samples: Sequence[Sample]) -> Row:
         largest_iou.append(largest)
     return Row(
         "ensemble of 3",
-        members[0].config,
+        members[0].config.split(" (")[0],
         np.asarray(any_iou),
         np.asarray(largest_iou),
         np.full(len(samples), np.nan),
         np.full(len(samples), np.nan),
         sum(m.seconds for m in members),
     )
+
+
+def presets_of(localizer: Localizer, model: Any) -> str:
+    """`` (preset NAME)`` when ``localizer`` runs the views of the model's preset NAME."""
+    mine = (localizer.views(), localizer.output_stride)
+    names = []
+    for name in ("cam", "fine", "best"):
+        other = Localizer.from_preset(name, model)
+        if (other.views(), other.output_stride) == mine:
+            names.append(name)
+    if not names:
+        return ""
+    return f" (preset{'s' if len(names) > 1 else ''} {', '.join(names)})"
 
 
 def table(rows: Sequence[Row], reference: Row) -> tuple[str, list[dict[str, Any]]]:
@@ -180,14 +213,14 @@ def table(rows: Sequence[Row], reference: Row) -> tuple[str, list[dict[str, Any]
     records = []
     for row in rows:
         base = next(
-            (r for r in rows if r.model == row.model and r.config == "cam"), reference
+            (r for r in rows if r.model == row.model and r.config.startswith("cam")), reference
         )
         samples = bootstrap([row.any_iou, base.any_iou], max_box_acc_v2)
         low, high = interval(samples[:, 0])
         d_low, d_high = interval(samples[:, 0] - samples[:, 1])
         v2 = max_box_acc_v2(row.any_iou)
         diff = v2 - max_box_acc_v2(base.any_iou)
-        cost = row.seconds / reference.seconds * len(reference.top1) / len(row.top1)
+        cost = row.seconds / reference.seconds
         known = np.nanmean(row.gt_known) * 100 if not np.isnan(row.gt_known).all() else None
         top1 = np.nanmean(row.top1) * 100 if not np.isnan(row.top1).all() else None
         loc = (
@@ -224,33 +257,57 @@ def table(rows: Sequence[Row], reference: Row) -> tuple[str, list[dict[str, Any]
 
 
 def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """MaxBoxAccV2 against cost: every row a faint point, each model's presets joined and
+    labelled, with their 90% intervals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8.0, 5.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    markers = {"efficientnet_lite0": "o", "efficientnet_lite1": "s", "efficientnet_lite2": "^"}
+    styles = {
+        "efficientnet_lite0": ("o", "tab:blue"),
+        "efficientnet_lite1": ("s", "tab:orange"),
+        "efficientnet_lite2": ("^", "tab:green"),
+    }
     for model in dict.fromkeys(r["model"] for r in records):
+        marker, colour = styles.get(model, ("D", "tab:red"))
         mine = sorted((r for r in records if r["model"] == model), key=lambda r: r["cost"])
-        costs = [r["cost"] for r in mine]
-        values = [r["max_box_acc_v2"] for r in mine]
-        errors = [
-            [r["max_box_acc_v2"] - r["ci90"][0] for r in mine],
-            [r["ci90"][1] - r["max_box_acc_v2"] for r in mine],
-        ]
-        axes.errorbar(
-            costs, values, yerr=errors, fmt=markers.get(model, "D"), capsize=2, label=model
+        axes.scatter(
+            [r["cost"] for r in mine],
+            [r["max_box_acc_v2"] for r in mine],
+            marker=marker,
+            color=colour,
+            alpha=0.25,
+            s=18,
         )
-        for r in mine:
+        presets = [r for r in mine if "(preset" in r["config"]] or mine[:1]
+        axes.errorbar(
+            [r["cost"] for r in presets],
+            [r["max_box_acc_v2"] for r in presets],
+            yerr=[
+                [r["max_box_acc_v2"] - r["ci90"][0] for r in presets],
+                [r["ci90"][1] - r["max_box_acc_v2"] for r in presets],
+            ],
+            fmt=f"-{marker}",
+            color=colour,
+            capsize=3,
+            label=model,
+        )
+        for r in presets:
+            label = r["config"].split("(", 1)[-1].rstrip(")") if "(" in r["config"] else ""
             axes.annotate(
-                r["config"], (r["cost"], r["max_box_acc_v2"]), fontsize=7,
-                textcoords="offset points", xytext=(4, 3),
+                label.replace("presets ", "").replace("preset ", ""),
+                (r["cost"], r["max_box_acc_v2"]),
+                fontsize=8,
+                color=colour,
+                textcoords="offset points",
+                xytext=(5, -12),
             )
     axes.set_xscale("log")
     axes.set_xlabel("time per image, x efficientnet_lite0's single pass (log scale)")
-    axes.set_ylabel("MaxBoxAccV2 (%), 90% bootstrap interval")
-    axes.set_title("ILSVRC dev set (300 images): box quality against cost")
+    axes.set_ylabel("MaxBoxAccV2 (%); presets with 90% bootstrap intervals")
+    axes.set_title("ILSVRC dev set, 300 images: box quality against cost (faint: other views)")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
@@ -264,32 +321,46 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--limit", type=int, help="only the first N images (a quick look)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--timing-images", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--plot", type=Path, help="write the quality/cost figure here (PNG)")
     parser.add_argument("--json", type=Path, help="write the table's figures here")
     args = parser.parse_args()
-    reference_model = build_model(MODELS[0])
-    dataset = load_dataset(dev_set(args.data), label_resolver(reference_model))
+    torch.set_num_threads(args.threads)
+    models = {name: build_model(name) for name in dict.fromkeys([MODELS[0], *args.models])}
+    dataset = load_dataset(dev_set(args.data), label_resolver(models[MODELS[0]]))
     samples = dataset.samples[: args.limit] if args.limit else dataset.samples
     keep = set(ENSEMBLES) if set(args.models) == set(MODELS) else set()
     rows: list[Row] = []
+    localizers: list[Localizer] = []
     for name in args.models:
         for config in args.configs:
             started = time.perf_counter()
-            rows.append(run(name, config, samples, config in keep, args.threads))
+            localizers.append(Localizer(models[name], **CONFIGS[config]))
+            rows.append(run(localizers[-1], config, samples, config in keep))
             print(
                 f"{name} {config}: MaxBoxAccV2 {max_box_acc_v2(rows[-1].any_iou):.2f} "
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
+    if not any(r.model == MODELS[0] and r.config == "cam" for r in rows):
+        localizers.append(Localizer(models[MODELS[0]]))
+        rows.append(run(localizers[-1], "cam", samples, False))
+    for row, localizer in zip(rows, localizers, strict=True):
+        row.config += presets_of(localizer, models[row.model])
+    time_rows(rows, localizers, samples[: args.timing_images], args.rounds)
+    reference = next(r for r in rows if r.model == MODELS[0] and r.config.startswith("cam"))
     for config in keep & set(args.configs):
-        rows.append(ensemble([r for r in rows if r.config == config and r.maps], samples))
-        for row in rows:
-            row.maps = [] if row.config == config else row.maps
-    reference = next((r for r in rows if r.model == MODELS[0] and r.config == "cam"), None)
-    if reference is None:
-        reference = run(MODELS[0], "cam", samples, False, args.threads)
+        members = [r for r in rows if r.config.split(" (")[0] == config and r.maps]
+        rows.append(ensemble(members, samples))
+        for row in members:
+            row.maps = []
     text, records = table(rows, reference)
-    print(f"\n{len(samples)} images, {args.threads} threads, torch {torch.__version__}\n")
+    print(
+        f"\n{len(samples)} images; time: the fastest of {args.rounds} rounds on "
+        f"{min(args.timing_images, len(samples))} images, {args.threads} threads, "
+        f"torch {torch.__version__}\n"
+    )
     print(text)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))

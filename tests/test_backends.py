@@ -234,7 +234,8 @@ def test_custom_modules_keep_their_layout(tiny: GapModel) -> None:
             "bfloat16",
             "backend='onnx' runs float32; for precision='bfloat16' use backend='eager'",
         ),
-        ("eager", "int8", "precision='int8': use one of float32, bfloat16, float16"),
+        ("eager", "int8", "precision='int8' runs on the ONNX backend: use backend='onnx'"),
+        ("eager", "int4", "precision='int4': use one of float32, bfloat16, float16, int8"),
     ],
 )
 def test_precisions_the_backend_cannot_run_are_refused(

@@ -299,8 +299,9 @@ def test_unusual_modes_work(batch: Batch, name: str) -> None:
             x0, y0, x1, y1 = box["xyxy"]
             assert 0 <= x0 < x1 <= 64
             assert 0 <= y0 < y1 <= 48
-    stem = name.rsplit(".", 1)[0]
-    assert result["overlay"] == f"out/{stem}.cam.png"
+    stem, suffix = name.rsplit(".", 1)
+    # --format auto: a JPEG photo's overlay is a JPEG, any other input's a PNG
+    assert result["overlay"] == f"out/{stem}.cam.{'jpg' if suffix == 'jpg' else 'png'}"
     with Image.open(batch.root / result["overlay"]) as figure:
         assert figure.mode == "RGB"
         # --top-k 3: a grid of three panels, each as wide as the image shown at display size

@@ -180,3 +180,30 @@ def test_settings_are_checked_without_building_the_model(
     Localizer.check_options({"model": "resnet50", "weights": "nowhere.pth"})  # nothing built
     with pytest.raises(GapcamError, match=re.escape(message)):
         Localizer.check_options({"model": "resnet50", **options})
+
+
+def test_presets_are_the_models_own() -> None:
+    """The embedded models' presets come from their own measurements (MODEL_PRESETS); other
+    models and checkpoints get the generic ones."""
+    lite0 = localizer_options(parse("localize", "x", "--preset", "best"))
+    assert (lite0["input_size"], lite0["output_stride"], lite0["hflip"]) == (288, 16, True)
+    lite2 = localizer_options(
+        parse("localize", "x", "--model", "efficientnet_lite2", "--preset", "best")
+    )
+    assert lite2["scales"] == (1.0, 1.5)
+    assert "output_stride" not in lite2
+    lite1 = localizer_options(
+        parse("evaluate", "d", "--model", "efficientnet_lite1", "--preset", "fine")
+    )
+    assert not {"input_size", "scales", "output_stride", "hflip"} & {
+        k for k, v in lite1.items() if v not in (None, False)
+    }  # Lite1's curve has no step between its single pass and best
+    resnet = localizer_options(parse("serve", "--model", "resnet50", "--preset", "fine"))
+    assert resnet["input_size"] == 288
+    assert "output_stride" not in resnet
+    run = localizer_options(parse("serve", "--checkpoint", "run", "--preset", "fine"))
+    assert "output_stride" not in run
+    explicit = localizer_options(
+        parse("localize", "x", "--preset", "fine", "--output-stride", "32")
+    )
+    assert explicit["output_stride"] == 32  # a flag overrides the preset

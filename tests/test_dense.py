@@ -376,3 +376,19 @@ def test_lite1_and_lite2_run_dilated_at_their_own_sizes(name: str, grid: int) ->
     assert dense.maps[0].low_res.shape == (grid, grid)
     assert [p.index for p in dense.predictions] == [p.index for p in plain.predictions]
     np.testing.assert_allclose(dense.maps[0].low_res[::2, ::2], plain.maps[0].low_res, atol=1e-3)
+
+
+def test_serve_answers_with_a_dilated_localizer(embedded_model: GapModel) -> None:
+    from fastapi.testclient import TestClient
+
+    from gapcam.web.app import create_app
+
+    localizer = gapcam.Localizer.from_options({"output_stride": 16, "backend": "eager"})
+    client = TestClient(create_app(localizer))
+    upload = {"file": ("cat.png", (EXAMPLES / "cat.png").read_bytes(), "image/png")}
+    answer = client.post("/api/localize", files=upload)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = localizer(EXAMPLES / "cat.png")
+    assert body["maps"][0]["feature_size"] == [14, 14]
+    assert body["maps"][0]["boxes"][0]["xyxy"] == expected.maps[0].boxes[0].as_list()

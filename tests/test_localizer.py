@@ -255,7 +255,7 @@ def test_custom_model_settings(rednet: gapcam.GapModel) -> None:
 
 
 def test_localize_cli_takes_the_view_presets(cat_path: Path, tmp_path: Path, capsys) -> None:
-    """`gapcam localize --preset best`: maps averaged over 224 and 352 px (11 x 11 grid),
+    """`gapcam localize --preset best`, Lite0's own: 288 px, dilated (18 x 18 grid), mirrored,
     recorded in the JSON settings."""
     from gapcam.cli import main
 
@@ -264,8 +264,13 @@ def test_localize_cli_takes_the_view_presets(cat_path: Path, tmp_path: Path, cap
     )
     document = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert document["settings"]["scales"] == [1.0, 1.5]
-    assert document["results"][0]["maps"][0]["feature_size"] == [11, 11]
+    settings = document["settings"]
+    assert (settings["input_size"], settings["hflip"], settings["output_stride"]) == (
+        [288, 288],
+        True,
+        16,
+    )
+    assert document["results"][0]["maps"][0]["feature_size"] == [18, 18]
     assert 281 <= document["results"][0]["predictions"][0]["index"] <= 285
 
 

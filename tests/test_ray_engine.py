@@ -95,6 +95,7 @@ def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) ->
         cam = np.frombuffer(row["cam"], dtype=np.float16).reshape(row["cam_shape"])
         low = np.stack([m.low_res for m in result.maps])
         np.testing.assert_allclose(cam, low, rtol=2e-3, atol=2e-3 * np.abs(low).max())
+        assert tuple(row["cam_region"]) == result.region
         assert Path(row["overlay"]).is_file()
         assert Path(row["overlay"]).parent == out / "overlays"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
@@ -185,8 +186,10 @@ def test_without_ray_the_error_says_what_to_install(
 
 def test_actors_get_the_view_options_and_precision(tmp_path: Path) -> None:
     argv = ["localize", "x", "--engine", "ray", "--out", str(tmp_path / "out")]
-    argv += ["--preset", "best", "--hflip", "--precision", "bfloat16"]
+    argv += ["--preset", "best", "--hflip", "--precision", "bfloat16", "--output-stride", "8"]
+    argv += ["--model", "efficientnet_lite2"]
     options = localizer_options(cli.build_parser().parse_args(argv))
+    assert options["output_stride"] == 8
     assert options["scales"] == (1.0, 1.5)
     assert options["hflip"] is True
     assert options["precision"] == "bfloat16"

@@ -382,7 +382,8 @@ def test_serve_view_options_reach_the_localizer(run_folder: Path, cat_bytes: byt
     body = post(client, cat_bytes).json()
     assert body["maps"][0]["feature_size"] == [9, 9]  # 288 / 32: the forward pass used it
     best = serve_localizer("--preset", "best", "--input-size", "256", "--precision", "bfloat16")
-    assert (best.input_size, best.scales, best.precision) == (256, (1.0, 1.5), "bfloat16")
+    assert (best.input_size, best.hflip, best.precision) == (256, True, "bfloat16")
+    assert best.gap_model.output_stride == 16  # Lite0's best: dilated, mirrored, at 288 unless told
 
 
 # --- a real server on loopback ---------------------------------------------------------------

@@ -28,6 +28,7 @@ import importlib.util
 import io
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +45,7 @@ from gapcam.types import BACKENDS, PRECISIONS
 OPSET = 17
 
 #: the first line of the weights digest in the cache key (``models.base.weights_digest``)
-DIGEST_KIND = "gapcam.onnx/1"
+DIGEST_KIND = "gapcam.onnx/2"  # 2: constant TF padding (static_padding)
 
 #: ORT's intra-op threads busy-wait between runs when "1"
 SPINNING = "0"
@@ -98,9 +99,9 @@ class EagerBackend:
 
 
 class _FeatureModule(nn.Module):
-    def __init__(self, model: GapModel) -> None:
+    def __init__(self, model: GapModel, inner: nn.Module | None = None) -> None:
         super().__init__()
-        self.inner = model.module
+        self.inner = model.module if inner is None else inner
         self.feature_fn = model.feature_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,13 @@ class OnnxBackend:
 
     name = "onnx"
 
-    def __init__(self, model: GapModel, root: Path | None = None, threads: int = 0) -> None:
+    def __init__(
+        self,
+        model: GapModel,
+        root: Path | None = None,
+        threads: int = 0,
+        calibration: Callable[[tuple[int, int]], torch.Tensor] | None = None,
+    ) -> None:
         if not onnx_available():
             raise ModelError(
                 "backend 'onnx' needs onnxruntime and onnx: pip install 'gapcam[fast]', "
@@ -132,6 +139,8 @@ class OnnxBackend:
         self.root = root or cache_dir()
         self.threads = threads or torch.get_num_threads()
         self.note = ""
+        #: int8 when given: the calibration inputs at a size (``gapcam.quantize``)
+        self.calibration = calibration
         self._digest = weights_digest(model, DIGEST_KIND)
         self._sessions: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
@@ -171,6 +180,8 @@ class OnnxBackend:
         path = self.path(size)
         if not path.is_file():
             atomic_write(path, export_features(self.model, size), overwrite=True)
+        if self.calibration is not None:
+            path = self._int8(path, size)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -183,14 +194,26 @@ class OnnxBackend:
             path.unlink(missing_ok=True)
             raise ModelError(f"{path}: ONNX Runtime cannot load it ({exc}); removed") from exc
 
+    def _int8(self, float_path: Path, size: tuple[int, int]) -> Path:
+        """The int8 model of ``float_path`` for the calibration at ``size`` (cached)."""
+        from gapcam.quantize import calibration_batches, calibration_digest, quantize
+
+        assert self.calibration is not None
+        batches = calibration_batches(self.calibration, size)
+        key = calibration_digest(batches)[:16]
+        path = float_path.with_name(f"{float_path.stem}-int8-{key}.onnx")
+        if not path.is_file():
+            atomic_write(path, quantize(float_path, batches, self.model.name), overwrite=True)
+        return path
+
 
 def export_features(model: GapModel, size: tuple[int, int]) -> bytes:
     """The feature extractor as ONNX bytes (input ``input`` N x 3 x H x W, output ``features``),
     checked against eager on a seeded input; ``ModelError`` when it cannot be exported."""
-    wrapper = _FeatureModule(model)
+    wrapper = _FeatureModule(model, static_padding(model, size))
     probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     buffer = io.BytesIO()
-    with inference_state(model.module, tracing=True):
+    with inference_state(wrapper, tracing=True):
         expected = wrapper(probe)
         try:
             with warnings.catch_warnings():
@@ -210,6 +233,65 @@ def export_features(model: GapModel, size: tuple[int, int]) -> bytes:
     data = buffer.getvalue()
     _check_export(model.name, data, probe, expected)
     return data
+
+
+def static_padding(model: GapModel, size: tuple[int, int]) -> nn.Module:
+    """``model.module``, or, when it has convolutions that compute TensorFlow "same" padding
+    from their input at run time (timm's ``tf_`` models: EfficientNet-Lite), a copy sharing its
+    weights in which each pads by the constant amounts of an input of ``size``. An ONNX graph
+    of the dynamic padding keeps the shape arithmetic as nodes, which ONNX Runtime's int8
+    quantizer mangles (EfficientNet-Lite0 came out with a 6 x 6 grid instead of 7 x 7); the
+    constant padding is the same computation for the fixed input size of each export."""
+    from gapcam.models.dense import DYNAMIC_PADDING, shared_copy
+
+    dynamic = [
+        name
+        for name, layer in model.module.named_modules()
+        if type(layer).__name__ in DYNAMIC_PADDING
+    ]
+    if not dynamic:
+        return model.module
+    inputs: dict[str, tuple[int, int]] = {}
+    copy = shared_copy(model.module)
+    layers = dict(copy.named_modules())
+    handles = [
+        layers[name].register_forward_pre_hook(
+            lambda _, args, name=name: inputs.__setitem__(name, tuple(args[0].shape[-2:]))
+        )
+        for name in dynamic
+    ]
+    try:
+        with inference_state(copy):
+            model.feature_fn(copy, torch.zeros(1, 3, *size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in dynamic:
+        layer = layers[name]
+        if name in inputs:
+            layer.forward = _constant_padding(layer, inputs[name])  # type: ignore[method-assign]
+    return copy
+
+
+def _constant_padding(layer: Any, size: tuple[int, int]) -> Any:
+    """``layer``'s forward with its TF "same" padding for inputs of ``size`` as constants."""
+    import torch.nn.functional as F
+
+    pads = []
+    for side, k, s, d in zip(size, layer.kernel_size, layer.stride, layer.dilation, strict=True):
+        total = max((-(-side // s) - 1) * s + (k - 1) * d + 1 - side, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if top == bottom and left == right:  # one convolution with its own padding
+            return F.conv2d(
+                x, layer.weight, layer.bias, layer.stride, (top, left), layer.dilation, layer.groups
+            )
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+
+    return forward
 
 
 def _check_export(name: str, data: bytes, probe: torch.Tensor, expected: torch.Tensor) -> None:
@@ -256,11 +338,19 @@ def check_choices(backend: str, precision: str) -> None:
         raise ModelError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ModelError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend == "eager":
+        raise ModelError(
+            "precision='int8' runs on the ONNX backend: use backend='onnx' or backend='auto'"
+        )
 
 
 def check_precision(precision: str, device: torch.device) -> str:
     """``precision`` when the eager backend can run it on ``device``; ``ModelError`` otherwise."""
     check_choices("eager", precision)
+    if precision == "int8":
+        raise ModelError(
+            "precision='int8' runs on the ONNX backend: use backend='onnx' or backend='auto'"
+        )
     if precision == "float16" and device.type == "cpu":
         raise ModelError(
             "precision='float16' needs a GPU (device='cuda' or device='mps'); on a CPU use bfloat16"
@@ -277,15 +367,20 @@ def make_backend(
     root: Path | None = None,
     threads: int = 0,
     precision: str = "float32",
+    calibration: Callable[[tuple[int, int]], torch.Tensor] | None = None,
 ) -> Backend:
     """The backend for ``choice`` (see ``BACKENDS``); ``auto`` falls back to eager with a note.
 
     ``auto`` tries the ONNX export for ``size`` (default: the model's input size) at once, so that an
     unexportable model falls back here rather than in the middle of a run. ``threads``: ONNX
     Runtime's intra-op threads (0: torch's thread count). ``precision`` other than float32 runs
-    on the eager backend (autocast): ``auto`` picks it, ``onnx`` refuses.
+    on the eager backend (autocast): ``auto`` picks it, ``onnx`` refuses; ``int8`` runs on the
+    ONNX backend, quantized with ``calibration`` (the calibration inputs at a size), on CPUs
+    with 8-bit dot-product instructions (``gapcam.quantize``).
     """
     check_choices(choice, precision)
+    if precision == "int8":
+        return _int8_backend(model, choice, size, root, threads, calibration)
     check_precision(precision, model.device)
     if choice == "eager" or (choice == "auto" and precision != "float32"):
         note = f"{precision} runs on the eager backend" if choice == "auto" else ""
@@ -306,4 +401,35 @@ def make_backend(
         backend.features(torch.zeros(1, 3, *(size or model.preprocess.size)))
     except ModelError as exc:
         return EagerBackend(model, str(exc))
+    return backend
+
+
+def _int8_backend(
+    model: GapModel,
+    choice: str,
+    size: tuple[int, int] | None,
+    root: Path | None,
+    threads: int,
+    calibration: Callable[[tuple[int, int]], torch.Tensor] | None,
+) -> Backend:
+    from gapcam.quantize import int8_support
+
+    if choice == "eager":
+        raise ModelError(
+            "precision='int8' runs on the ONNX backend: use backend='onnx' or backend='auto'"
+        )
+    if model.device.type != "cpu":
+        raise ModelError(f"precision='int8' runs on the CPU; {model.name} is on {model.device}")
+    reason = int8_support()
+    if reason:
+        raise ModelError(f"precision='int8': {reason}; use precision='float32'")
+    if not onnx_available():
+        raise ModelError("precision='int8' needs onnxruntime and onnx: pip install 'gapcam[fast]'")
+    if calibration is None:
+        raise ModelError(
+            "precision='int8' needs calibration images (calibration=[...]: a few dozen "
+            "representative images, e.g. 32 of your own)"
+        )
+    backend = OnnxBackend(model, root, threads, calibration)
+    backend.features(torch.zeros(1, 3, *(size or model.preprocess.size)))  # quantize now
     return backend

@@ -109,6 +109,8 @@ class LoadedImage:
     name: str
     path: Path | None = None
     notes: tuple[str, ...] = ()
+    #: the decoded file's format as Pillow names it ("JPEG", "PNG", ...); None for arrays
+    format: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -268,7 +270,8 @@ def _decode(stream: IO[bytes], label: str, path: Path | None, max_pixels: int) -
             notes.append(f"multi-frame file ({frames} frames): using the first frame")
         image.load()
         rgb, more = _to_rgb(image, label)
-    return LoadedImage(rgb, label, path, tuple(notes) + more + _warning_notes(caught))
+    notes_all = tuple(notes) + more + _warning_notes(caught)
+    return LoadedImage(rgb, label, path, notes_all, image.format)
 
 
 @contextmanager

@@ -8,12 +8,12 @@
 Beyond one plain forward pass (gradient-free, measured in docs/evaluate.md): ``input_size``
 runs the network at another resolution (finer maps), ``hflip`` averages the CAM of the mirrored
 image (mirrored back), ``scales`` averages CAMs over input sizes; ``Localizer.from_preset`` picks
-a measured combination from ``PRESETS``.
+a measured combination for the model (``preset_views``: ``MODEL_PRESETS``, ``PRESETS``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, s
 from gapcam.types import (
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
+    MODEL_PRESETS,
     OUTPUT_STRIDES,
     PRESETS,
     RESIZE_MODES,
@@ -51,17 +52,26 @@ FEATURE_STRIDE = 32
 MAX_INPUT_SIDE = 2048
 
 
+def preset_views(preset: str, model: str | None = None) -> dict[str, Any]:
+    """The view settings of ``preset`` for the model named ``model`` (``MODEL_PRESETS`` for the
+    embedded models, ``PRESETS`` for any other; None: the default model)."""
+    if preset not in PRESETS:
+        raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
+    table = MODEL_PRESETS.get(DEFAULT_MODEL if model is None else model, PRESETS)
+    return dict(table[preset])
+
+
 def view_options(
     preset: str | None = None,
     input_size: int | None = None,
     hflip: bool = False,
     scales: Sequence[float] | None = None,
     output_stride: int | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """Localizer keyword arguments from a preset, overridden by explicit view options."""
-    if preset is not None and preset not in PRESETS:
-        raise GapcamError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
-    views: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
+    """Localizer keyword arguments from a preset (for the model named ``model``, None: the
+    default model), overridden by explicit view options."""
+    views = preset_views(preset, model) if preset is not None else {}
     if input_size is not None:
         views["input_size"] = input_size
     if hflip:
@@ -131,14 +141,17 @@ class Localizer:
     backend: str = "eager"
     streams: int = 1
     precision: str = "float32"
+    calibration: Sequence[Any] | None = field(default=None, repr=False)
     _runner: Backend = field(init=False, repr=False)
 
     @classmethod
     def from_preset(
         cls, preset: str, model: GapModel | str = DEFAULT_MODEL, **kwargs: Any
     ) -> Localizer:
-        """A Localizer with the view settings of ``PRESETS[preset]``; ``kwargs`` override them."""
-        return cls(model, **{**view_options(preset), **kwargs})
+        """A Localizer with the view settings of ``preset`` for ``model`` (``preset_views``);
+        ``kwargs`` override them."""
+        name = model if isinstance(model, str) else model.name
+        return cls(model, **{**preset_views(preset, name), **kwargs})
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Localizer:
@@ -194,8 +207,24 @@ class Localizer:
             self.preprocess.size,
             threads=threads,
             precision=self.precision,
+            calibration=self._calibration(),
         )
         setattr_(self, "_runner", runner)
+
+    def _calibration(self) -> Callable[[tuple[int, int]], torch.Tensor] | None:
+        """The int8 calibration inputs at a size, from the ``calibration`` images (loaded once
+        here, each within ``max_pixels``), or None."""
+        if self.calibration is None or self.precision != "int8":
+            return None
+        loaded = [images.load_image(s, max_pixels=self.max_pixels) for s in self.calibration]
+        base = self.preprocess
+
+        def inputs(size: tuple[int, int]) -> torch.Tensor:
+            preprocess = base.replace(size=size)
+            arrays = [images.resize_for_model(item.image, preprocess) for item in loaded]
+            return images.to_tensor(arrays, preprocess)
+
+        return inputs
 
     def _check_settings(self) -> None:
         """The settings that need no model: ranges, choices, views."""
@@ -218,7 +247,27 @@ class Localizer:
             )
         if not isinstance(self.streams, int) or self.streams < 1:
             raise GapcamError(f"streams={self.streams!r}: give a positive integer")
+        self._check_calibration()
         check_choices(self.backend, self.precision)
+
+    def _check_calibration(self) -> None:
+        from gapcam.quantize import MAX_CALIBRATION_IMAGES
+
+        given = self.calibration
+        if given is None:
+            return
+        if self.precision != "int8":
+            raise GapcamError("calibration= is for precision='int8' only; leave it out")
+        if isinstance(given, (str, bytes, Path)) or not isinstance(given, Sequence):
+            raise GapcamError(
+                "calibration= takes a list of images (paths, bytes, PIL images, arrays)"
+            )
+        if not 1 <= len(given) <= MAX_CALIBRATION_IMAGES:
+            raise GapcamError(
+                f"calibration=: {len(given)} images; give 1 to {MAX_CALIBRATION_IMAGES} "
+                "(a few dozen representative ones are enough)"
+            )
+        object.__setattr__(self, "calibration", tuple(given))
 
     @property
     def gap_model(self) -> GapModel:
@@ -497,6 +546,7 @@ class Localizer:
             region=region,
             path=item.path,
             notes=item.notes,
+            source_format=item.format,
             kept_maps=kept,
             box_maps=box_maps,
             map_device=str(low.device),

@@ -9,7 +9,9 @@ as Parquet to OUT (written to a temporary folder next to it, renamed when comple
 One row per input, failures included (``error`` set, the other columns empty): path, error,
 width, height, top-k ``classes``/``names``/``scores``, ``map_classes``, ``boxes`` (per map, xyxy
 in original pixels, largest first), ``cam`` (the raw low-res maps, float16 bytes of shape
-``cam_shape`` = k x h x w) and ``overlay`` (path of the overlay image, unless --no-overlay).
+``cam_shape`` = k x h x w), ``cam_region`` (where that grid lies over the image, for
+``gapcam.cam.upsample(maps, (height, width), region)``: the letterbox, and a dilated grid's
+placement) and ``overlay`` (path of the overlay image, unless --no-overlay).
 
 Each actor builds its Localizer once, with ``Localizer.from_options`` from the same plain
 settings the local engine uses (``gapcam.cli.options.localizer_options``): a model name and
@@ -109,6 +111,7 @@ def schema() -> Any:
             ("boxes", pa.list_(pa.list_(pa.list_(pa.int32(), 4)))),
             ("cam", pa.binary()),
             ("cam_shape", pa.list_(pa.int32())),
+            ("cam_region", pa.list_(pa.float64(), 4)),
             ("overlay", pa.string()),
         ]
     )
@@ -130,6 +133,7 @@ def result_row(result: Result, path: str, overlay: str | None = None) -> dict[st
         "boxes": [[b.as_list() for b in m.boxes] for m in result.maps],
         "cam": low.tobytes(),
         "cam_shape": list(low.shape),
+        "cam_region": list(result.region),
         "overlay": overlay,
     }
 
@@ -181,9 +185,10 @@ class LocalizeActor:
             return None
         outputs = Outputs(**self.options["outputs"])
         digest = hashlib.sha1(path.encode()).hexdigest()[:10]
-        target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{outputs.fmt}"
+        fmt = outputs.format_for(result)
+        target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{fmt}"
         figure = result.figure(alpha=outputs.alpha, cmap=outputs.cmap)
-        atomic_write(target, encode_image(figure, outputs.fmt), overwrite=True)
+        atomic_write(target, encode_image(figure, fmt), overwrite=True)
         return str(Path(self.options["final_out"]) / "overlays" / target.name)
 
 

@@ -29,6 +29,8 @@ class Result:
     region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
     path: Path | None = None
     notes: tuple[str, ...] = ()
+    #: the input file's format as Pillow names it ("JPEG", "PNG", ...), None for arrays
+    source_format: str | None = None
     kept_maps: tuple[np.ndarray, ...] | None = field(default=None, repr=False, compare=False)
     box_maps: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
     map_device: str = field(default="cpu", repr=False, compare=False)

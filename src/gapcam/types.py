@@ -17,9 +17,9 @@ RESIZE_MODES: tuple[str, ...] = ("stretch", "letterbox")
 #: who runs the network (``gapcam.backends``)
 BACKENDS: tuple[str, ...] = ("auto", "eager", "onnx")
 #: the forward pass's precision (``gapcam.backends``)
-PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
-#: overlay image formats (``gapcam.outputs``)
-OVERLAY_FORMATS: tuple[str, ...] = ("png", "jpg")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
+#: overlay image formats (``gapcam.outputs``); ``auto``: JPEG for JPEG photos, else PNG
+OVERLAY_FORMATS: tuple[str, ...] = ("auto", "png", "jpg")
 #: annotation layouts ``gapcam evaluate`` reads (``gapcam.eval.datasets``)
 DATASET_LAYOUTS: tuple[str, ...] = ("auto", "wsol", "voc", "csv")
 #: what ``gapcam train`` trains (``gapcam.train.finetune``)
@@ -39,12 +39,35 @@ OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
 #: placed``, ``gapcam.models.base.Subgrid.placement``)
 Placement = tuple[tuple[float, float], tuple[float, float]]
 CENTRED: Placement = ((1.0, 0.0), (1.0, 0.0))
-#: named view settings (``Localizer.from_preset``, ``--preset``), measured on the ILSVRC dev
-#: set in docs/evaluate.md: ``cam`` is the paper's single pass (the default)
+#: named view settings (``Localizer.from_preset``, ``--preset``): ``cam`` is the paper's single
+#: pass (the default), ``fine`` a cheap step up, ``best`` the most the quality ladder found
+#: worth its cost. ``PRESETS`` is for any model; ``MODEL_PRESETS`` holds the ones measured for
+#: the embedded models on the ILSVRC dev set (docs/evaluate.md, the quality ladder): a
+#: preset a model's curve does not justify is its single pass (Lite1 and Lite2 have no step
+#: between their single pass and ``best``). Scales are factors of the model's input size.
+#: The generic presets are the view settings that were best for Lite0 before dense maps
+#: (not every network can run dilated: DenseNets cannot).
 PRESETS: dict[str, dict[str, Any]] = {
     "cam": {},
     "fine": {"input_size": 288},
     "best": {"scales": (1.0, 1.5)},
+}
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "efficientnet_lite0": {
+        "cam": {},
+        "fine": {"input_size": 288, "output_stride": 16},
+        "best": {"input_size": 288, "output_stride": 16, "hflip": True},
+    },
+    "efficientnet_lite1": {
+        "cam": {},
+        "fine": {},
+        "best": {"scales": (1.0, 1.5), "output_stride": 16},
+    },
+    "efficientnet_lite2": {
+        "cam": {},
+        "fine": {},
+        "best": {"scales": (1.0, 1.5)},
+    },
 }
 
 

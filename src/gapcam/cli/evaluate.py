@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def add(commands: Any) -> None:
         help="leave out images with bad annotations (listed in the output) instead of stopping",
     )
     options.add_device(p)
-    options.add_precision(p)
+    options.add_precision(p, "default: the first 32 images of DATA")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -77,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
     for target in (args.json, args.plot):
         if target and target != "-":
             guard.check(Path(target))  # before minutes of work, not after
-    localizer = Localizer.from_options(options.localizer_options(args))
+    settings = options.localizer_options(args)
+    calibrate = settings.get("precision") == "int8" and "calibration" not in settings
+    if calibrate:  # int8 calibrates on the first images of DATA, known once it is read
+        settings["precision"] = "float32"
+    localizer = Localizer.from_options(settings)
     dataset = load_dataset(
         args.data,
         label_resolver(localizer.gap_model),
@@ -88,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         skip_invalid=args.skip_invalid,
     )
     check_class_table(dataset, localizer.gap_model)
+    if calibrate:
+        from gapcam.quantize import CALIBRATION_IMAGES
+
+        first = [str(sample.path) for sample in dataset.samples[:CALIBRATION_IMAGES]]
+        localizer = dataclasses.replace(localizer, precision="int8", calibration=first)
     progress = progress_bar(len(dataset.samples), quiet=args.quiet)
     try:
         report = evaluate(dataset, localizer, batch_size=args.batch_size, on_batch=progress.update)

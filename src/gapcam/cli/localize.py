@@ -84,7 +84,11 @@ def add(commands: Any) -> None:
     options.add_views(p)
     p.add_argument("--alpha", type=options.fraction, help="heatmap opacity (default: 0.5)")
     p.add_argument("--cmap", help="any matplotlib colormap (default: jet)")
-    p.add_argument("--format", choices=OVERLAY_FORMATS, help="overlay format (default: png)")
+    p.add_argument(
+        "--format",
+        choices=OVERLAY_FORMATS,
+        help="overlay format (default: auto, a JPEG for a JPEG photo, else a PNG)",
+    )
     options.add_backend(p, "auto")
     p.add_argument(
         "--batch-size",
@@ -104,7 +108,7 @@ def add(commands: Any) -> None:
         "(default: 2 on a multi-core machine; 1 with --workers 0)",
     )
     options.add_device(p)
-    options.add_precision(p)
+    options.add_precision(p, "default: the first 32 inputs")
     p.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -156,7 +160,7 @@ def error_line(message: str, flags: Collection[str]) -> str:
 
 
 #: what the overlay flags mean when they are not given
-OVERLAY_DEFAULTS = {"alpha": 0.5, "cmap": "jet", "format": "png"}
+OVERLAY_DEFAULTS = {"alpha": 0.5, "cmap": "jet", "format": "auto"}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -218,7 +222,7 @@ def _run_local(args: argparse.Namespace) -> int:
     found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)])
     found = found[: args.limit] if args.limit else found
     human: TextIO = sys.stderr if args.json == "-" else sys.stdout
-    localizer = _localizer(args)
+    localizer = _localizer(args, [path for path, _ in found])
     if args.classes:
         localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
     if not args.no_overlay:
@@ -298,10 +302,15 @@ def _outputs(args: argparse.Namespace) -> Outputs:
     )
 
 
-def _localizer(args: argparse.Namespace) -> Localizer:
+def _localizer(args: argparse.Namespace, inputs: list[Path]) -> Localizer:
     from gapcam.localizer import Localizer
+    from gapcam.quantize import CALIBRATION_IMAGES
 
-    localizer = Localizer.from_options(options.localizer_options(args))
+    settings = options.localizer_options(args)
+    if args.precision == "int8" and "calibration" not in settings and inputs:
+        # static quantization calibrates on the run's own first images (docs/speed.md)
+        settings["calibration"] = [str(path) for path in inputs[:CALIBRATION_IMAGES]]
+    localizer = Localizer.from_options(settings)
     backend = localizer.backend_used[0]
     if args.streams and backend != "onnx":
         raise GapcamError(
@@ -317,6 +326,11 @@ def _run_ray(args: argparse.Namespace) -> int:
 
     settings = options.localizer_options(args)
     settings["streams"] = 1  # each Ray actor runs one
+    if args.precision == "int8" and "calibration" not in settings:
+        raise GapcamError(
+            "--precision int8 with --engine ray: give --calibration IMAGES (files every node "
+            "can read), the images each actor calibrates on"
+        )
     Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
     done, failed, out = ray_engine.run(
         args.inputs,

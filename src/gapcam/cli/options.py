@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from gapcam.console import safe_text
+from gapcam.errors import GapcamError
 
 # Light imports only: building the parser must not import torch (``gapcam --help`` stays fast).
 from gapcam.types import (
@@ -68,7 +69,8 @@ def add_views(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        help="measured view settings: cam (vanilla), fine (input 288), best (scales 1 and 1.5)",
+        help="measured view settings for the model: cam (vanilla, one pass), fine, best "
+        "(docs/evaluate.md: the quality ladder)",
     )
     p.add_argument(
         "--input-size",
@@ -99,14 +101,22 @@ def add_backend(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def add_precision(p: argparse.ArgumentParser) -> None:
+def add_precision(p: argparse.ArgumentParser, calibration_default: str = "") -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="float32",
-        help="forward-pass precision (eager backend): bfloat16 for CPUs with native bfloat16 "
-        "and GPUs, float16 for GPUs; what each costs is measured in docs/speed.md "
-        "(default: %(default)s)",
+        help="forward-pass precision: bfloat16 (eager) for CPUs with native bfloat16 and GPUs, "
+        "float16 (eager) for GPUs, int8 (onnx, statically quantized) for CPUs with VNNI or "
+        "Arm dotprod; what each costs and how far it moves the maps is measured in "
+        "docs/speed.md (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration",
+        nargs="+",
+        metavar="PATH",
+        help="images (files, folders, globs) that calibrate --precision int8 "
+        f"(at most {MAX_CALIBRATION}; {calibration_default or 'required with int8'})",
     )
 
 
@@ -178,10 +188,29 @@ def localizer_options(args: argparse.Namespace) -> dict[str, Any]:
         getattr(args, "hflip", False),
         getattr(args, "scales", None),
         getattr(args, "output_stride", None),
+        # a checkpoint's presets are the generic ones (its backbone was not measured)
+        model="" if getattr(args, "checkpoint", None) else getattr(args, "model", None),
     )
     if hasattr(args, "streams"):
         options["streams"] = _streams(args)
+    if getattr(args, "calibration", None):
+        options["calibration"] = calibration_paths(args.calibration)
     return options
+
+
+#: the most calibration images a command line takes (``gapcam.quantize``)
+MAX_CALIBRATION = 512
+
+
+def calibration_paths(arguments: Sequence[str]) -> list[str]:
+    """The image files of ``--calibration``'s files, folders and globs (the first
+    ``MAX_CALIBRATION``); one that matches nothing stops the command."""
+    from gapcam.images import expand_inputs
+
+    found, problems = expand_inputs(arguments)
+    if problems:
+        raise GapcamError(f"--calibration: {problems[0]}")
+    return [str(path) for path, _ in found[:MAX_CALIBRATION]]
 
 
 def _streams(args: argparse.Namespace) -> int:

@@ -78,7 +78,7 @@ def dilate(model: GapModel, output_stride: int, sizes: Sequence[tuple[int, int]]
             "dilate the plain model"
         )
     shapes = _layer_shapes(model)
-    module = _shared_copy(model.module)
+    module = shared_copy(model.module)
     layers = dict(module.named_modules())
     changed = 0
     for name, (stride_in, stride_out) in shapes.items():
@@ -160,7 +160,7 @@ def _run_finer(
     return 1
 
 
-def _shared_copy(module: nn.Module) -> nn.Module:
+def shared_copy(module: nn.Module) -> nn.Module:  # also used by the ONNX export
     """A deep copy of ``module`` whose parameters and buffers are the original's tensors."""
     memo: dict[int, Any] = {id(t): t for t in module.parameters()}
     memo.update({id(t): t for t in module.buffers()})

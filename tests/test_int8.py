@@ -1,0 +1,194 @@
+"""precision="int8": the ONNX feature extractor statically quantized with calibration images
+(``gapcam.quantize``), refused with a reason wherever it cannot run or would not pay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gapcam
+from gapcam import backends, quantize
+from gapcam.cli import main
+from gapcam.errors import GapcamError, ModelError
+from gapcam.models import GapModel, build_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+needs_int8 = pytest.mark.skipif(
+    quantize.int8_support() is not None or not backends.onnx_available(),
+    reason=f"this machine cannot run int8: {quantize.int8_support() or 'no onnxruntime'}",
+)
+
+
+def photos(folder: Path, count: int) -> list[Path]:
+    """``count`` seeded crops of the two example photos (some mirrored), as a user's own
+    photos would calibrate: static quantization needs representative images."""
+    generator = np.random.default_rng(0)
+    sources = [Image.open(EXAMPLES / name).convert("RGB") for name in ("cat.png", "coffee.jpg")]
+    paths = []
+    for i in range(count):
+        image = sources[i % 2]
+        width, height = image.size
+        scale = generator.uniform(0.6, 1.0)
+        w, h = int(width * scale), int(height * scale)
+        x, y = int(generator.integers(0, width - w + 1)), int(generator.integers(0, height - h + 1))
+        crop = image.crop((x, y, x + w, y + h)).resize((160, 120))
+        if i % 3 == 2:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        paths.append(folder / f"p{i:02d}.jpg")
+        crop.save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lite0() -> GapModel:
+    return build_model("efficientnet_lite0")
+
+
+@needs_int8
+def test_int8_features_follow_float32_and_the_head_stays_float(
+    lite0: GapModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    calibration = [EXAMPLES / "cat.png", EXAMPLES / "coffee.jpg", *photos(tmp_path, 14)]
+    int8 = gapcam.Localizer(lite0, backend="onnx", precision="int8", calibration=calibration)
+    plain = gapcam.Localizer(lite0, backend="onnx")
+    assert int8.backend_used == ("onnx", "")
+    assert int8.settings().extras["precision"] == "int8"
+    for source in (EXAMPLES / "cat.png", EXAMPLES / "coffee.jpg"):
+        a, b = plain(source), int8(source)
+        assert a.predictions[0].index == b.predictions[0].index
+        assert np.abs(a.cam() - b.cam()).max() < 0.35
+        # the logits are W . GAP(features) + b in float32 from the live classifier
+        ours = int8._runner.features(torch.zeros(1, 3, 224, 224))
+        assert ours.dtype == torch.float32
+    files = sorted((tmp_path / "cache" / "onnx").glob("*-int8-*.onnx"))
+    assert len(files) == 1
+    # cached: a second localizer with the same calibration quantizes nothing
+    monkeypatch.setattr(quantize, "quantize", lambda *a: pytest.fail("quantized again"))
+    again = gapcam.Localizer(lite0, backend="auto", precision="int8", calibration=calibration)
+    assert again(EXAMPLES / "cat.png").predictions[0].index == plain(EXAMPLES / "cat.png").top.index
+
+
+@needs_int8
+def test_the_cache_key_holds_the_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    model = build_model("resnet18", "random")
+    shots = photos(tmp_path, 4)
+    for calibration in (shots[:2], shots[2:], shots[:2]):
+        gapcam.Localizer(
+            model, backend="onnx", precision="int8", calibration=calibration, input_size=64
+        )
+    assert len(list((tmp_path / "cache" / "onnx").glob("*-int8-*.onnx"))) == 2
+
+
+def test_tensorflow_padding_is_exported_as_constants(lite0: GapModel) -> None:
+    """timm's Conv2dSame computes its padding from the input shape at run time; the export
+    gets the constants of its input size instead (ONNX Runtime's quantizer mangles the shape
+    arithmetic), the same values as the module."""
+    copy = backends.static_padding(lite0, (224, 224))
+    assert copy is not lite0.module
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with gapcam.models.inference_state(lite0.module), gapcam.models.inference_state(copy):
+        assert torch.equal(lite0.feature_fn(copy, x), lite0.features(x))
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load_from_string(backends.export_features(lite0, (224, 224))).graph
+    assert not [n for n in graph.node if n.op_type in ("Shape", "Ceil")]
+    resnet = build_model("resnet18", "random")
+    assert backends.static_padding(resnet, (224, 224)) is resnet.module  # nothing to do
+
+
+def test_int8_is_refused_where_it_cannot_run_or_pay(
+    lite0: GapModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cat = [EXAMPLES / "cat.png"]
+    with pytest.raises(GapcamError, match="int8' runs on the ONNX backend"):
+        gapcam.Localizer(lite0, backend="eager", precision="int8", calibration=cat)
+    with pytest.raises(GapcamError, match="calibration= is for precision='int8' only"):
+        gapcam.Localizer(lite0, calibration=cat)
+    with pytest.raises(GapcamError, match="takes a list of images"):
+        gapcam.Localizer(lite0, backend="onnx", precision="int8", calibration="cat.png")
+    with pytest.raises(GapcamError, match="calibration=: 0 images"):
+        gapcam.Localizer(lite0, backend="onnx", precision="int8", calibration=[])
+    if backends.onnx_available():
+        with pytest.raises(ModelError, match=r"needs calibration images \(calibration="):
+            gapcam.Localizer(lite0, backend="onnx", precision="int8")
+    reason = "this x86_64 CPU has no 8-bit integer dot-product instructions (x86 VNNI or AMX)"
+    monkeypatch.setattr(quantize, "int8_support", lambda: reason)
+    with pytest.raises(ModelError, match=r"precision='int8': this x86_64 CPU has no 8-bit"):
+        gapcam.Localizer(lite0, backend="auto", precision="int8", calibration=cat)
+
+
+def test_cpu_flags_decide_int8_support(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(quantize.platform, "system", lambda: "Linux")
+    real_path = quantize.Path
+    monkeypatch.setattr(quantize, "Path", lambda p: info if p == "/proc/cpuinfo" else real_path(p))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert "no 8-bit integer dot-product" in (quantize.int8_support() or "")
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert quantize.int8_support() is None
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")
+    assert quantize.int8_support() is None
+
+
+@needs_int8
+def test_localize_calibrates_on_its_own_first_inputs(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photos(folder, 12)
+    out = tmp_path / "out.json"
+    code = main(
+        ["localize", str(folder), "--precision", "int8", "--json", str(out), "--no-overlay", "-q"]
+    )
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["settings"]["precision"] == "int8"
+    assert len(document["results"]) == 12
+
+
+def test_int8_on_ray_needs_named_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "localize",
+            str(EXAMPLES),
+            "--engine",
+            "ray",
+            "--precision",
+            "int8",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    assert "--calibration IMAGES" in capsys.readouterr().err
+
+
+def test_a_calibration_path_that_matches_nothing_stops_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "localize",
+            str(EXAMPLES / "cat.png"),
+            "--precision",
+            "int8",
+            "--calibration",
+            str(tmp_path / "nothing-*.jpg"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gapcam: error: --calibration: ")
+    assert err.count("\n") == 1

@@ -420,16 +420,16 @@ def _int8_backend(
         )
     if model.device.type != "cpu":
         raise ModelError(f"precision='int8' runs on the CPU; {model.name} is on {model.device}")
-    reason = int8_support()
-    if reason:
-        raise ModelError(f"precision='int8': {reason}; use precision='float32'")
-    if not onnx_available():
-        raise ModelError("precision='int8' needs onnxruntime and onnx: pip install 'gapcam[fast]'")
     if calibration is None:
         raise ModelError(
             "precision='int8' needs calibration images (calibration=[...]: a few dozen "
             "representative images, e.g. 32 of your own)"
         )
+    reason = int8_support()
+    if reason:
+        raise ModelError(f"precision='int8': {reason}; use precision='float32'")
+    if not onnx_available():
+        raise ModelError("precision='int8' needs onnxruntime and onnx: pip install 'gapcam[fast]'")
     backend = OnnxBackend(model, root, threads, calibration)
     backend.features(torch.zeros(1, 3, *(size or model.preprocess.size)))  # quantize now
     return backend

@@ -43,6 +43,7 @@ displacement. (Drawing the dense grid evenly over the input instead would move e
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,18 +90,7 @@ def dilate(model: GapModel, output_stride: int, sizes: Sequence[tuple[int, int]]
         raise UnsupportedModelError(
             f"{model.name}: found no convolution running at output stride 32 to dilate"
         )
-    dense = GapModel(
-        name=model.name,
-        module=module,
-        feature_fn=model.feature_fn,
-        classifier=model.classifier,
-        class_names=model.class_names,
-        preprocess=model.preprocess,
-        head=model.head,
-        aliases=model.aliases,
-        source=model.source,
-    )
-    dense.step = 32 // output_stride
+    dense = dataclasses.replace(model, module=module, step=32 // output_stride, subgrids={})
     for size in dict.fromkeys([PROBE, *map(tuple, sizes)]):
         _check(model, dense, size)  # type: ignore[arg-type]
     return dense

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from gapcam.errors import GapcamError, ModelError, UnsupportedModelError
 from gapcam.models import GapModel, build_model, inference_state
 from gapcam.models.base import Subgrid
 from gapcam.models.dense import dilate
+from gapcam.schema import localize_schema
 from gapcam.types import Preprocess
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -338,7 +340,9 @@ def test_the_command_line_option(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     assert code == 0
     record = json.loads(out.read_text())
-    first = record["results"][0] if "results" in record else record
+    jsonschema.validate(record, localize_schema())  # the schema knows output_stride
+    assert record["settings"]["output_stride"] == 16
+    first = record["results"][0]
     assert first["maps"][0]["feature_size"] == [14, 14]
     capsys.readouterr()
     code = main(

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from gapcam.types import BACKENDS, BOX_NORMALIZATIONS, PRECISIONS, RESIZE_MODES
+from gapcam.types import BACKENDS, BOX_NORMALIZATIONS, OUTPUT_STRIDES, PRECISIONS, RESIZE_MODES
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 #: the ``schema`` value of a ``--json`` document: bumped when a change would break a reader
@@ -159,6 +159,11 @@ SETTINGS = closed(
             enum=[p for p in PRECISIONS if p != "float32"],
         ),
         "backend_note": typed("string", "why --backend auto chose eager"),
+        "output_stride": typed(
+            "integer",
+            "input pixels per map cell, when the last stage(s) ran dilated (--output-stride)",
+            enum=[s for s in OUTPUT_STRIDES if s != 32],
+        ),
     },
     description="the settings every result of the run was made with; hflip and scales come "
     "together, only when the views are not the plain single pass",

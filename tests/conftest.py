@@ -151,6 +151,21 @@ def write_shapes_run(folder: Path) -> Path:
     return run
 
 
+def assert_same_results(expected: list, got: list) -> None:  # type: ignore[type-arg]
+    """Two backends' results for the same images: the same classes (probabilities within
+    1e-4), the same low-res maps (within 1e-3 of their scale) and normalised maps (1e-3), the
+    same boxes."""
+    for a, b in zip(expected, got, strict=True):
+        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+        for pa, pb in zip(a.predictions, b.predictions, strict=True):
+            assert pa.probability == pytest.approx(pb.probability, abs=1e-4)
+        for i, (ma, mb) in enumerate(zip(a.maps, b.maps, strict=True)):
+            scale = float(np.abs(ma.low_res).max())
+            np.testing.assert_allclose(mb.low_res, ma.low_res, atol=1e-3 * scale)
+            np.testing.assert_allclose(b.cam(i), a.cam(i), atol=1e-3)
+            assert [x.as_list() for x in ma.boxes] == [x.as_list() for x in mb.boxes]
+
+
 def forward_hooks(module: nn.Module) -> dict[str, int]:
     """Submodule name -> number of forward (pre-)hooks, for every submodule that has any."""
     counts = {}

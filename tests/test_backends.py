@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, tiny_gap_model
+from conftest import EXAMPLES, assert_same_results, tiny_gap_model
 
 import gapcam
 from gapcam import backends, outputs
@@ -181,16 +181,7 @@ def test_onnx_localizer_matches_eager_on_the_embedded_model(
     eager = gapcam.Localizer(embedded_model)(sources, top_k=2)
     fast_localizer = gapcam.Localizer(embedded_model, backend="auto")
     assert fast_localizer.backend_used == ("onnx", "")
-    fast = fast_localizer(sources, top_k=2)
-    for a, b in zip(eager, fast, strict=True):
-        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
-        for pa, pb in zip(a.predictions, b.predictions, strict=True):
-            assert pa.probability == pytest.approx(pb.probability, abs=1e-4)
-        for i, (ma, mb) in enumerate(zip(a.maps, b.maps, strict=True)):
-            scale = float(np.abs(ma.low_res).max())
-            np.testing.assert_allclose(mb.low_res, ma.low_res, atol=1e-3 * scale)
-            np.testing.assert_allclose(b.cam(i), a.cam(i), atol=1e-3)
-            assert [x.as_list() for x in ma.boxes] == [x.as_list() for x in mb.boxes]
+    assert_same_results(eager, fast_localizer(sources, top_k=2))
 
 
 def test_devices_that_are_not_here_get_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

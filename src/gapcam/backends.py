@@ -276,10 +276,11 @@ def static_padding(model: GapModel, size: tuple[int, int]) -> nn.Module:
 def _constant_padding(layer: Any, size: tuple[int, int]) -> Any:
     """``layer``'s forward with its TF "same" padding for inputs of ``size`` as constants."""
     import torch.nn.functional as F
+    from timm.layers.padding import get_same_padding  # the layer's own rule (timm's pad_same)
 
     pads = []
     for side, k, s, d in zip(size, layer.kernel_size, layer.stride, layer.dilation, strict=True):
-        total = max((-(-side // s) - 1) * s + (k - 1) * d + 1 - side, 0)
+        total = get_same_padding(side, k, s, d)
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
 

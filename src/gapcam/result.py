@@ -25,7 +25,7 @@ class Result:
     maps: tuple[ClassMap, ...]
     settings: Settings
     #: where the maps' grid lies in the original image (``cam.upsample``): the image's place
-    #: in the model input, moved by a dilated grid's ``Subgrid.shift`` (``cam.placed``)
+    #: in the model input, through a dilated grid's ``Subgrid.placement`` (``cam.placed``)
     region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
     path: Path | None = None
     notes: tuple[str, ...] = ()

@@ -191,3 +191,30 @@ def test_a_calibration_path_that_matches_nothing_stops_the_command(
     err = capsys.readouterr().err
     assert err.startswith("gapcam: error: --calibration: ")
     assert err.count("\n") == 1
+
+
+def test_a_bad_calibration_image_is_named_on_one_escaped_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    (folder / "bad\nname\x1b[31m.jpg").write_bytes(b"not a jpeg")
+    code = main(
+        [
+            "localize",
+            str(EXAMPLES / "cat.png"),
+            "--precision",
+            "int8",
+            "--calibration",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("gapcam: error: --calibration image ")
+    assert err.count("\n") == 1
+    assert "\x1b" not in err
+    assert "bad\\nname\\x1b[31m.jpg: not an image file" in err
+    assert not (tmp_path / "o").exists()

@@ -216,7 +216,10 @@ class Localizer:
         here, each within ``max_pixels``), or None."""
         if self.calibration is None or self.precision != "int8":
             return None
-        loaded = [images.load_image(s, max_pixels=self.max_pixels) for s in self.calibration]
+        try:
+            loaded = [images.load_image(s, max_pixels=self.max_pixels) for s in self.calibration]
+        except GapcamError as exc:  # say which argument the bad image came from
+            raise GapcamError(f"calibration= image {exc}") from exc
         base = self.preprocess
 
         def inputs(size: tuple[int, int]) -> torch.Tensor:

@@ -43,6 +43,13 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+def localize_checkpoint(run: Path, out: Path) -> int:
+    """``gapcam localize examples/cat.png --checkpoint RUN --out OUT``: its exit code."""
+    return main(
+        ["localize", str(EXAMPLES / "cat.png"), "--checkpoint", str(run), "--out", str(out)]
+    )
+
+
 @pytest.fixture(scope="module")
 def valid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes_run(tmp_path_factory.mktemp("valid"))
@@ -139,16 +146,7 @@ def test_malformed_gapcam_json_is_refused_before_anything_is_built(
     assert fragment in message, message
     assert "\n" not in message
     assert not CONTROL.search(message)
-    code = main(
-        [
-            "localize",
-            str(EXAMPLES / "cat.png"),
-            "--checkpoint",
-            str(run),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = localize_checkpoint(run, tmp_path / "out")
     line = one_line(capsys.readouterr().err)
     assert code == 2
     assert line.startswith(f"gapcam: error: --checkpoint {run}: gapcam.json")
@@ -198,9 +196,7 @@ def test_deeply_nested_json_is_refused(
     with pytest.raises(gapcam.ModelError, match=r"gapcam\.json is nested too deeply"):
         gapcam.load_checkpoint(run)
     (run / "gapcam.json").write_text("[" * depth + "]" * depth)
-    code = main(
-        ["localize", str(EXAMPLES / "cat.png"), "--checkpoint", str(run), "--out", str(tmp_path)]
-    )
+    code = localize_checkpoint(run, tmp_path)
     assert code == 2
     assert "nested too deeply" in one_line(capsys.readouterr().err)
 
@@ -287,16 +283,7 @@ def test_tensor_files_are_checked_from_their_header(
         save_file(wide, str(target))
         fragment = "head.weight is (3, 7), expected (3, 1280)"
     started = time.perf_counter()
-    code = main(
-        [
-            "localize",
-            str(EXAMPLES / "cat.png"),
-            "--checkpoint",
-            str(run),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = localize_checkpoint(run, tmp_path / "out")
     line = one_line(capsys.readouterr().err)
     assert code == 2
     assert fragment in line, line
@@ -490,16 +477,7 @@ def test_a_run_folder_named_with_escapes_is_shown_escaped(
 ) -> None:
     run = Path(shutil.copytree(valid_run, tmp_path / "run\x1b[31m\nx"))
     os.remove(run / "model.safetensors")
-    code = main(
-        [
-            "localize",
-            str(EXAMPLES / "cat.png"),
-            "--checkpoint",
-            str(run),
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    code = localize_checkpoint(run, tmp_path / "o")
     line = one_line(capsys.readouterr().err)
     assert code == 2
     assert "run\\x1b[31m\\nx" in line

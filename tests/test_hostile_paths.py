@@ -219,8 +219,9 @@ def test_a_folder_that_cannot_be_listed_at_all(
     assert [p.path for p in problems] == [str(folder)]  # not also "holds no image files"
 
 
-@pytest.mark.skipif(ROOT, reason="root reads and searches every folder whatever its mode")
-def test_real_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _locked_tree(tmp_path: Path) -> Path:
+    """photos/a.png, photos/secret/b.png with photos/secret unreadable (mode 000), and
+    locked/c.png with locked readable but not searchable (600); returns photos/."""
     folder = tmp_path / "photos"
     (folder / "secret").mkdir(parents=True)
     shutil.copy(CAT, folder / "a.png")
@@ -229,6 +230,12 @@ def test_real_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     shutil.copy(CAT, tmp_path / "locked" / "c.png")
     (folder / "secret").chmod(0o000)
     (tmp_path / "locked").chmod(0o600)  # readable, not searchable
+    return folder
+
+
+@pytest.mark.skipif(ROOT, reason="root reads and searches every folder whatever its mode")
+def test_real_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _locked_tree(tmp_path)
     try:
         code, _, err, document = _localize(tmp_path, capsys, folder, tmp_path / "locked" / "c.png")
     finally:
@@ -249,14 +256,7 @@ def test_real_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_real_permissions_as_root_without_its_override(tmp_path: Path) -> None:
     """The same as a user: root that has given up reading and searching past permission bits
     (``setpriv`` drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), in a subprocess."""
-    folder = tmp_path / "photos"
-    (folder / "secret").mkdir(parents=True)
-    shutil.copy(CAT, folder / "a.png")
-    shutil.copy(CAT, folder / "secret" / "b.png")
-    (tmp_path / "locked").mkdir()
-    shutil.copy(CAT, tmp_path / "locked" / "c.png")
-    (folder / "secret").chmod(0o000)
-    (tmp_path / "locked").chmod(0o600)
+    folder = _locked_tree(tmp_path)
     drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     argv = [*drop, sys.executable, "-m", "gapcam", "localize", str(folder)]
     argv += [str(tmp_path / "locked" / "c.png"), "--out", str(tmp_path / "out")]

@@ -435,9 +435,10 @@ const CAMERA_SIDE = 320; // max side of the frames sent (the model sees 224 px o
 const CAMERA_MAP_SIZE = 96; // max side of the map asked for (a 7x7 grid, upsampled)
 const CAMERA_QUALITY = 0.85; // JPEG quality of the frames sent
 const FPS_WINDOW_MS = 5000; // the achieved rate is measured over the answers of this long
+const FRAME_WAIT_MS = 500; // longest wait for a new camera frame before sending the same one
 const camera = {
   stream: null, session: 0, latest: null, heat: null, heatKey: "", answers: 0, times: [],
-  grab: document.createElement("canvas"),
+  grab: document.createElement("canvas"), presented: 0, onFrame: null,
 };
 
 function setMode(mode) {
@@ -455,6 +456,7 @@ function setMode(mode) {
   } else if (camera.stream) {
     stopCamera("");
   }
+  history.replaceState(null, "", cameraMode ? "#camera" : location.pathname + location.search);
 }
 
 // Why this page cannot use a camera at all, or null. Browsers give getUserMedia only to secure
@@ -532,7 +534,9 @@ async function startCamera() {
     showCameraMessage(cameraErrorMessage(error));
     return;
   }
-  Object.assign(camera, { stream, latest: null, heatKey: "", answers: 0, times: [] });
+  Object.assign(camera, {
+    stream, latest: null, heatKey: "", answers: 0, times: [], presented: 0, onFrame: null,
+  });
   $("camera-toggle").textContent = "Stop camera";
   $("camera-canvas").dataset.state = "running";
   $("camera-canvas").dataset.answers = "0";
@@ -541,11 +545,44 @@ async function startCamera() {
   });
   const session = ++camera.session;
   $("camera-status").textContent = "Camera on; waiting for the first answer…";
+  countFrames(video, session);
   cameraLoop(session);
+}
+
+// Counts the frames the <video> presents (where the browser says: requestVideoFrameCallback),
+// so that a server faster than the camera is not sent the same frame twice.
+function countFrames(video, session) {
+  if (typeof video.requestVideoFrameCallback !== "function") return;
+  const onFrame = (now, meta) => {
+    if (session !== camera.session) return;
+    camera.presented = meta.presentedFrames;
+    if (camera.onFrame) camera.onFrame();
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+// Resolves once the video shows a frame after the ``after``-th (at once where frames are not
+// counted), or after FRAME_WAIT_MS.
+function newFrame(after) {
+  if (typeof HTMLVideoElement.prototype.requestVideoFrameCallback !== "function") {
+    return Promise.resolve();
+  }
+  if (camera.presented > after) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, FRAME_WAIT_MS);
+    function done() {
+      clearTimeout(timer);
+      if (camera.onFrame === done) camera.onFrame = null;
+      resolve();
+    }
+    camera.onFrame = done;
+  });
 }
 
 function stopCamera(message) {
   camera.session++; // the running loop sees it and ends; an answer on its way is ignored
+  if (camera.onFrame) camera.onFrame(); // a loop waiting for a frame: wake it to end
   if (camera.stream) for (const track of camera.stream.getTracks()) track.stop();
   camera.stream = null;
   camera.latest = null;
@@ -574,7 +611,11 @@ function grabFrame() {
 
 async function cameraLoop(session) {
   const endpoint = state.api.ops.localize;
+  let sent = -1; // the number of the frame sent last
   while (session === camera.session) {
+    await newFrame(sent);
+    if (session !== camera.session) return;
+    sent = camera.presented;
     const blob = await grabFrame();
     if (session !== camera.session) return;
     if (!blob) {

@@ -451,7 +451,7 @@ function setMode(mode) {
   document.body.dataset.mode = mode;
   if (cameraMode) {
     const problem = cameraProblem();
-    if (problem) showCameraMessage(problem);
+    if (problem || !camera.stream) showCameraMessage(problem || ""); // no stale message
     $("camera-toggle").disabled = problem !== null;
   } else if (camera.stream) {
     stopCamera("");
@@ -510,7 +510,11 @@ async function startCamera() {
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
-      video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false,
+      // a phone's back camera, which looks at what is in front of it, where there is one
+      video: {
+        width: { ideal: 640 }, height: { ideal: 480 }, facingMode: { ideal: "environment" },
+      },
+      audio: false,
     });
   } catch (error) {
     $("camera-toggle").disabled = false;

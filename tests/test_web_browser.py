@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ def _unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+@contextmanager
+def chromium(extra_args: Sequence[str] = ()) -> Iterator[Any]:
+    """Debian's Chromium through Playwright, with ``CHROMIUM_ARGS`` and ``extra_args``."""
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} not found")
     try:
@@ -64,11 +66,18 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _unavailable("the playwright package is not installed (pip install 'gapcam[test]')")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        args = [*CHROMIUM_ARGS, *extra_args]
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
         try:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")

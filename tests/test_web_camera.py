@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from test_web_browser import CANVAS_DIGEST, CAT_CLASSES, CHROMIUM, CHROMIUM_ARGS, _unavailable
+from test_web_browser import CANVAS_DIGEST, CAT_CLASSES, chromium
 
 from gapcam.localizer import Localizer
 from gapcam.web.app import create_app
@@ -169,25 +169,14 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(clip: Path) -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} not found")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package is not installed (pip install 'gapcam[test]')")
     args = [
-        *CHROMIUM_ARGS,
         "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream",  # grants the camera without asking
         f"--use-file-for-fake-video-capture={clip}",
         f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
     ]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium(args) as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")

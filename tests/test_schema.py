@@ -48,7 +48,8 @@ def localize_json(tmp_path: Path, *options: str) -> dict[str, Any]:
 def test_schemas_are_valid_draft_2020_12() -> None:
     jsonschema.Draft202012Validator.check_schema(schema.localize_schema())
     jsonschema.Draft202012Validator.check_schema(LOCALIZE_ANSWER)
-    assert schema.localize_schema()["properties"]["results"]["items"] is schema.RESULT
+    entry = schema.localize_schema()["properties"]["results"]["items"]
+    assert (entry["then"], entry["else"]) == (schema.VIDEO, schema.RESULT)
 
 
 def test_localize_json_top_k_validates(tmp_path: Path) -> None:

@@ -88,6 +88,12 @@ def _error(label: str, exc: BaseException) -> VideoError:
 @contextmanager
 def _opened(source: Any, label: str) -> Iterator[Any]:
     av = require_av(label)
+    if (
+        isinstance(source, (str, Path))
+        and Path(source).is_file()
+        and not Path(source).stat().st_size
+    ):
+        raise VideoError(f"{label}: file is empty (0 bytes); it is not a video")
     try:
         target = str(source) if isinstance(source, Path) else source
         container = av.open(target, "r")
@@ -121,7 +127,7 @@ def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise VideoError(
             f"{label}: frames of {width}x{height} pixels are over the limit of {max_pixels:,} "
-            "pixels; raise max_pixels= (--max-pixels) to read them"
+            "pixels; raise max_pixels= to read them"
         )
 
 

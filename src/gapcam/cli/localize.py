@@ -493,6 +493,7 @@ def _run_ray(args: argparse.Namespace) -> int:
             "can read), the images each actor calibrates on"
         )
     Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
+    refuse_videos(args.inputs)
     done, failed, out = ray_engine.run(
         args.inputs,
         settings,
@@ -513,6 +514,21 @@ def _run_ray(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if not failed else 1
+
+
+def refuse_videos(arguments: list[str]) -> None:
+    """``--engine ray`` runs images only: a video among the inputs (given, or inside a folder
+    or glob) stops the run, in one line, before Ray starts (README "Video")."""
+    from gapcam.images import IMAGE_SUFFIXES, expand_inputs
+
+    found, _ = expand_inputs(arguments, suffixes=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+    videos = [path for path, _ in found if is_video(path)]
+    if videos:
+        more = f" (and {len(videos) - 1} more)" if len(videos) > 1 else ""
+        raise GapcamError(
+            f"{videos[0]}{more}: a video; --engine ray runs images only, "
+            "run videos with the local engine (leave out --engine ray)"
+        )
 
 
 def print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:

@@ -29,8 +29,10 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -45,7 +47,7 @@ from gapcam.errors import GapcamError, VideoError
 from gapcam.images import LoadedImage
 from gapcam.outputs import OutputGuard, encode_image
 from gapcam.overlay import display_scale
-from gapcam.pipeline import DEFAULT_MEMORY_BUDGET, ordered_map
+from gapcam.pipeline import DEFAULT_MEMORY_BUDGET, executor, ordered_map
 from gapcam.result import MAP_PIXELS, Result, box_dict, prediction_dict
 from gapcam.types import Placement, Preprocess
 
@@ -69,6 +71,9 @@ class _Localizer(Protocol):
 
     @property
     def gap_model(self) -> Any: ...
+
+    @property
+    def concurrency(self) -> int: ...
 
     def resolve_classes(self, classes: Sequence[int | str]) -> list[int]: ...
 
@@ -194,9 +199,22 @@ class VideoFrames(Iterator[FrameResult]):
         if chunk:
             yield chunk
 
-    def _loaded(self, frame: clips.Frame) -> LoadedImage:
+    def _loaded(self, frame: clips.Frame, image: Image.Image | None = None) -> LoadedImage:
         path = Path(self.source) if isinstance(self.source, (str, Path)) else None
-        return LoadedImage(Image.fromarray(frame.image), self.label, path)
+        return LoadedImage(image or Image.fromarray(frame.image), self.label, path)
+
+    def _batches(self) -> Iterator[_Batch]:
+        """The decoded frames in batches, each with its pictures and the analysed ones."""
+        sampler = _Sampler(self.fps)
+        for chunk in self._decode():
+            pictures = [Image.fromarray(f.image) for f in chunk]
+            taken = [sampler.take(f.time) for f in chunk]
+            loaded = [
+                self._loaded(f, image)
+                for f, image, take in zip(chunk, pictures, taken, strict=True)
+                if take
+            ]
+            yield _Batch(chunk, pictures, taken, loaded)
 
     def _run(self) -> Generator[FrameResult, None, None]:
         if self.wanted is not None:
@@ -214,32 +232,39 @@ class VideoFrames(Iterator[FrameResult]):
             yield from self._draw(_SpilledScores(self.localizer, chosen, spill, layout))
 
     def _scan(self, spill: IO[bytes]) -> tuple[list[int], _Layout]:
-        """The first pass: the network over the analysed frames; their logits and candidate
-        maps into ``spill``; the clip's classes by mean probability."""
+        """The first pass: the network over the analysed frames (``Localizer.concurrency``
+        batches at once, as ``gapcam.batch`` runs them); their logits and candidate maps into
+        ``spill``; the clip's classes by mean probability."""
         model = self.localizer.gap_model
         candidates = min(max(CANDIDATES, self.top_k), model.num_classes)
         total = np.zeros(model.num_classes, dtype=np.float64)
-        sampler = _Sampler(self.fps)
         layout: _Layout | None = None
-        for chunk in self._decode():
-            self.on_frames("scan", len(chunk), self.info.frames)
-            analysed = [f for f in chunk if sampler.take(f.time)]
-            if not analysed:
-                continue
-            scores = self.localizer.scores(
-                [self._loaded(f) for f in analysed], top_k=candidates, predictions=1
-            )
-            total += scores.probabilities.double().sum(dim=0).cpu().numpy()
-            layout = _Layout(
-                model.num_classes, candidates, tuple(scores.low.shape[-2:]),
-                scores.preprocess, scores.placement,
-            )  # fmt: skip
-            logits = scores.logits.float().cpu().numpy()
-            mapped = scores.mapped.cpu().numpy().astype(np.int32)
-            low = scores.low.float().cpu().numpy()
-            for i in range(len(analysed)):
-                spill.write(logits[i].tobytes() + mapped[i].tobytes() + low[i].tobytes())
-            self.analysed += len(analysed)
+
+        def score(batch: _Batch) -> Any:
+            if not batch.loaded:
+                return None
+            return self.localizer.scores(batch.loaded, top_k=candidates, predictions=1)
+
+        streams = self.localizer.concurrency
+        with ExitStack() as stack:
+            pool = executor(streams if streams > 1 else 0, stack, "infer")
+            for batch, scores in ordered_map(score, self._batches(), pool, window=streams):
+                self.on_frames("scan", len(batch.frames), self.info.frames)
+                if isinstance(scores, GapcamError):
+                    raise scores
+                if scores is None:
+                    continue
+                total += scores.probabilities.double().sum(dim=0).cpu().numpy()
+                layout = _Layout(
+                    model.num_classes, candidates, tuple(scores.low.shape[-2:]),
+                    scores.preprocess, scores.placement,
+                )  # fmt: skip
+                logits = scores.logits.float().cpu().numpy()
+                mapped = scores.mapped.cpu().numpy().astype(np.int32)
+                low = scores.low.float().cpu().numpy()
+                for i in range(len(batch.loaded)):
+                    spill.write(logits[i].tobytes() + mapped[i].tobytes() + low[i].tobytes())
+                self.analysed += len(batch.loaded)
         assert layout is not None  # decode raises for a clip without frames
         mean = total / max(1, self.analysed)
         chosen = [int(i) for i in np.argsort(-mean, kind="stable")[: self.top_k]]
@@ -249,43 +274,65 @@ class VideoFrames(Iterator[FrameResult]):
 
     def _draw(self, scores: _Scores) -> Iterator[FrameResult]:
         """The frames with their results: analysed ones from ``scores`` smoothed over time,
-        the others carrying the latest result."""
-        sampler = _Sampler(self.fps)
+        the others carrying the latest result. ``scores.prepare`` runs here, in order (it
+        reads the first pass's file); ``scores.compute`` (the network, when it runs) on
+        ``Localizer.concurrency`` threads."""
         ema = _Average(self.smooth)
         totals: torch.Tensor | None = None
         last: Result | None = None
-        for chunk in self._decode():
-            analysed = [f for f in chunk if sampler.take(f.time)]
-            raw = iter(scores([self._loaded(f) for f in analysed]) if analysed else [])
-            for frame in chunk:
-                image = Image.fromarray(frame.image)
-                if frame in analysed:
-                    logits, low, preprocess, placement = next(raw)
-                    probabilities = torch.softmax(logits.double(), dim=0)[scores.chosen]
-                    totals = probabilities if totals is None else totals + probabilities
-                    logits, low = ema.update(frame.time, logits, low)
-                    last = self.localizer.frame_result(
-                        LoadedImage(image, self.label, None),
-                        logits,
-                        scores.chosen,
-                        low[None],
-                        preprocess,
-                        placement,
-                        predictions=self.predictions,
+
+        def compute(item: tuple[_Batch, Any]) -> list[Raw]:
+            return scores.compute(item[1]) if item[0].loaded else []
+
+        prepared = ((batch, scores.prepare(batch.loaded)) for batch in self._batches())
+        streams = self.localizer.concurrency
+        with ExitStack() as stack:
+            pool = executor(streams if streams > 1 else 0, stack, "infer")
+            for (batch, _), outcome in ordered_map(compute, prepared, pool, window=streams):
+                if isinstance(outcome, GapcamError):
+                    raise outcome
+                raw = iter(outcome)
+                for frame, image, taken in zip(
+                    batch.frames, batch.pictures, batch.taken, strict=True
+                ):
+                    if taken:
+                        logits, low, preprocess, placement = next(raw)
+                        probabilities = torch.softmax(logits.double(), dim=0)[scores.chosen]
+                        totals = probabilities if totals is None else totals + probabilities
+                        logits, low = ema.update(frame.time, logits, low)
+                        last = self.localizer.frame_result(
+                            LoadedImage(image, self.label, None),
+                            logits,
+                            scores.chosen,
+                            low[None],
+                            preprocess,
+                            placement,
+                            predictions=self.predictions,
+                        )
+                        self.analysed += 1
+                    elif self.sampled_only or last is None:
+                        continue
+                    else:
+                        last = replace(last, image=image)
+                    yield FrameResult(
+                        frame.index, frame.time, frame.pts, frame.time_base, taken, last
                     )
-                    self.analysed += 1
-                elif self.sampled_only or last is None:
-                    continue
-                else:
-                    last = replace(last, image=image)
-                yield FrameResult(
-                    frame.index, frame.time, frame.pts, frame.time_base, frame in analysed, last
-                )
-            self.on_frames("write", len(chunk), self.info.frames)
+                self.on_frames("write", len(batch.frames), self.info.frames)
         scores.finish()
         if totals is not None and self.wanted is not None:
             mean = (totals / max(1, self.analysed)).tolist()
             self.mean_probability = dict(zip(scores.chosen, mean, strict=True))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Decoded frames, their pictures, which ones the network sees (``taken``) and those
+    as the localizer takes them (``loaded``)."""
+
+    frames: list[clips.Frame]
+    pictures: list[Image.Image]
+    taken: list[bool]
+    loaded: list[LoadedImage]
 
 
 @dataclass(frozen=True)
@@ -311,7 +358,9 @@ Raw = tuple[torch.Tensor, torch.Tensor, Preprocess, Placement]
 class _Scores(Protocol):
     chosen: list[int]
 
-    def __call__(self, loaded: list[LoadedImage]) -> list[Raw]: ...
+    def prepare(self, loaded: list[LoadedImage]) -> Any: ...
+
+    def compute(self, prepared: Any) -> list[Raw]: ...
 
     def finish(self) -> None: ...
 
@@ -322,7 +371,10 @@ class _NetworkScores:
     def __init__(self, localizer: _Localizer, chosen: list[int]) -> None:
         self.localizer, self.chosen = localizer, chosen
 
-    def __call__(self, loaded: list[LoadedImage]) -> list[Raw]:
+    def prepare(self, loaded: list[LoadedImage]) -> list[LoadedImage]:
+        return loaded
+
+    def compute(self, loaded: list[LoadedImage]) -> list[Raw]:
         scores = self.localizer.scores(loaded, classes=self.chosen, predictions=1)
         return [
             (scores.logits[i].float().cpu(), scores.low[i], scores.preprocess, scores.placement)
@@ -343,17 +395,18 @@ class _SpilledScores:
         self.localizer, self.chosen, self.spill, self.layout = localizer, chosen, spill, layout
         self.recomputed = 0
 
-    def __call__(self, loaded: list[LoadedImage]) -> list[Raw]:
+    def prepare(self, loaded: list[LoadedImage]) -> tuple[list[Raw], list[LoadedImage]]:
+        """The batch's records, read in order; the frames whose maps must be made again."""
         layout = self.layout
         k, m = layout.classes, layout.candidates
         rows, columns = layout.grid
         out: list[Raw] = []
-        missing: list[int] = []
-        for i in range(len(loaded)):
+        missing: list[LoadedImage] = []
+        for item in loaded:
             data = self.spill.read(layout.record)
             if len(data) != layout.record:
                 raise VideoError(
-                    f"{loaded[i].name}: the video changed while it was read (more frames the "
+                    f"{item.name}: the video changed while it was read (more frames the "
                     "second time)"
                 )
             values = np.frombuffer(data, dtype=np.float32)
@@ -364,17 +417,27 @@ class _SpilledScores:
                 low = torch.from_numpy(np.stack([maps[mapped.index(c)] for c in self.chosen]))
             else:
                 low = torch.empty(0)
-                missing.append(i)
+                missing.append(item)
             out.append((logits, low, layout.preprocess, layout.placement))
-        if missing:
-            self.recomputed += len(missing)
-            scores = self.localizer.scores(
-                [loaded[i] for i in missing], classes=self.chosen, predictions=1
-            )
-            for j, i in enumerate(missing):
-                logits = out[i][0]  # the first pass's logits: the same forward pass
-                out[i] = (logits, scores.low[j].float().cpu(), scores.preprocess, scores.placement)
-        return out
+        self.recomputed += len(missing)
+        return out, missing
+
+    def compute(self, prepared: tuple[list[Raw], list[LoadedImage]]) -> list[Raw]:
+        out, missing = prepared
+        if not missing:
+            return out
+        scores = self.localizer.scores(missing, classes=self.chosen, predictions=1)
+        remade = iter(range(len(missing)))
+        result = []
+        for logits, low, preprocess, placement in out:
+            if low.numel():
+                result.append((logits, low, preprocess, placement))
+            else:  # the first pass's logits: the same forward pass
+                j = next(remade)
+                result.append(
+                    (logits, scores.low[j].float().cpu(), scores.preprocess, scores.placement)
+                )
+        return result
 
     def finish(self) -> None:
         if self.spill.read(1):
@@ -480,28 +543,41 @@ def write_frames(
     workers: int = 2,
     window: int = 4,
 ) -> Written:
-    """``write`` with the run's ``OutputGuard``: figures drawn on ``workers`` threads, at most
-    ``window`` ahead of the encoder."""
+    """``write`` with the run's ``OutputGuard``: figures drawn on ``workers`` threads and
+    encoded on one more, each at most ``window`` frames ahead of the next stage, so that the
+    network (on the calling thread, which makes ``frames``), drawing and encoding overlap."""
     written = Written(target)
 
     def draw(frame: FrameResult) -> np.ndarray:
         return np.asarray(frame.result.figure(alpha=alpha, cmap=cmap))
 
-    with guard.file(target) as temp, ThreadPoolExecutor(max(1, workers)) as pool:
+    window = max(1, window)
+    encoding: deque[Future[None]] = deque()
+    with (
+        guard.file(target) as temp,
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="gapcam-draw") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="gapcam-encode") as encoder,
+    ):
         writer: clips.ClipWriter | None = None
         try:
-            for frame, image in ordered_map(draw, frames, pool, window=max(1, window)):
+            for frame, image in ordered_map(draw, frames, pool, window=window):
                 if isinstance(image, GapcamError):
                     raise image
                 if writer is None:
                     writer = clips.ClipWriter(
                         temp, frame.time_base, audio_from=audio_from, label=str(target)
                     )
-                writer.write(image, frame.pts)
+                encoding.append(encoder.submit(writer.write, image, frame.pts))
+                while len(encoding) > window:
+                    encoding.popleft().result()
+            while encoding:
+                encoding.popleft().result()
             if writer is None:
                 raise VideoError(f"{target}: no frames to write")
             writer.close()
         except BaseException:
+            for future in encoding:  # the encoder thread is done with the writer first
+                future.cancel() or future.exception()
             if writer is not None:
                 writer.abort()
             raise

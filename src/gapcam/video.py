@@ -52,13 +52,16 @@ from gapcam.result import MAP_PIXELS, Result, box_dict, prediction_dict
 from gapcam.types import Placement, Preprocess
 
 #: half-life in seconds of the moving average over the frames' logits and maps (``smooth=``,
-#: ``--smooth``): measured on generated clips (README "Video"): it halves the frame-to-frame
-#: change of a still, noisy clip's map, and a box follows a moving object within
-#: ``SMOOTH_LAG_FRAMES`` frames at 25 frames a second
+#: ``--smooth``), chosen on generated clips (README "Video"): it cuts the frame-to-frame change
+#: of a still, noisy clip's map to a quarter, and the box of a moving object trails the
+#: unsmoothed one by 1.8 frames on average at 25 frames a second (``SMOOTH_LAG_FRAMES``: 2)
 DEFAULT_SMOOTH = 0.08
-#: the most frames the box of a moving object trails the unsmoothed one with ``DEFAULT_SMOOTH``
-#: (tests/test_video.py measures it)
+#: the most frames, on average, the box of a moving object trails the unsmoothed one with
+#: ``DEFAULT_SMOOTH`` at 25 frames a second (tests/test_video.py measures it)
 SMOOTH_LAG_FRAMES = 2
+#: threads that make the frames' Results (maps upsampled and normalised, boxes) from the
+#: smoothed scores, a batch at a time
+RESULT_THREADS = 2
 #: the classes whose raw maps the first pass keeps per frame (see the module doc)
 CANDIDATES = 10
 
@@ -288,19 +291,27 @@ class VideoFrames(Iterator[FrameResult]):
         streams = self.localizer.concurrency
         with ExitStack() as stack:
             pool = executor(streams if streams > 1 else 0, stack, "infer")
+            # each frame's Result (upsampled, normalised maps, boxes) is made on these threads,
+            # a batch at a time, as gapcam.batch makes them on its inference streams
+            makers = executor(RESULT_THREADS, stack, "result")
             for (batch, _), outcome in ordered_map(compute, prepared, pool, window=streams):
                 if isinstance(outcome, GapcamError):
                     raise outcome
                 raw = iter(outcome)
+                made: list[Future[Result] | None] = []
                 for frame, image, taken in zip(
                     batch.frames, batch.pictures, batch.taken, strict=True
                 ):
-                    if taken:
-                        logits, low, preprocess, placement = next(raw)
-                        probabilities = torch.softmax(logits.double(), dim=0)[scores.chosen]
-                        totals = probabilities if totals is None else totals + probabilities
-                        logits, low = ema.update(frame.time, logits, low)
-                        last = self.localizer.frame_result(
+                    if not taken:
+                        made.append(None)
+                        continue
+                    logits, low, preprocess, placement = next(raw)
+                    probabilities = torch.softmax(logits.double(), dim=0)[scores.chosen]
+                    totals = probabilities if totals is None else totals + probabilities
+                    logits, low = ema.update(frame.time, logits, low)  # new tensors each time
+                    made.append(
+                        makers.submit(
+                            self.localizer.frame_result,
                             LoadedImage(image, self.label, None),
                             logits,
                             scores.chosen,
@@ -309,14 +320,19 @@ class VideoFrames(Iterator[FrameResult]):
                             placement,
                             predictions=self.predictions,
                         )
-                        self.analysed += 1
+                    )
+                    self.analysed += 1
+                for frame, image, future in zip(batch.frames, batch.pictures, made, strict=True):
+                    if future is not None:
+                        last = future.result()
                     elif self.sampled_only or last is None:
                         continue
                     else:
                         last = replace(last, image=image)
                     yield FrameResult(
-                        frame.index, frame.time, frame.pts, frame.time_base, taken, last
-                    )
+                        frame.index, frame.time, frame.pts, frame.time_base, future is not None,
+                        last,
+                    )  # fmt: skip
                 self.on_frames("write", len(batch.frames), self.info.frames)
         scores.finish()
         if totals is not None and self.wanted is not None:

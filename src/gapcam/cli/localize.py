@@ -371,7 +371,7 @@ def check_video_flags(args: argparse.Namespace, found: list[tuple[Path, Path]]) 
             ("smooth", "--smooth"),
             ("sampled_only", "--sampled-only"),
         )
-        if getattr(args, name) not in (None, False)
+        if getattr(args, name) is not None and getattr(args, name) is not False
     ]
     if given and not any(is_video(path) for path, _ in found):
         raise GapcamError(

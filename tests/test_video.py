@@ -216,6 +216,21 @@ def test_an_interrupted_write_leaves_nothing(
     assert (tmp_path / "taken.mp4").read_bytes() == b"mine"
 
 
+def test_a_file_object_reads_as_its_path_and_the_source_is_never_written_over(
+    localizer: Localizer, moving: tuple[Path, list[videoclips.Box]], tmp_path: Path
+) -> None:
+    path, _ = moving
+    with path.open("rb") as stream:  # read twice: the first pass, then the drawing
+        from_file = [f.result.maps[0].boxes for f in localizer.video(stream)]
+    assert from_file == [f.result.maps[0].boxes for f in localizer.video(path)]
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(GapcamError, match="is one of the inputs"):
+        video.write(localizer.video(copy, classes=[EGYPTIAN_CAT]), copy, overwrite=True)
+    assert copy.read_bytes() == path.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["copy.mp4"]
+
+
 def test_rotation_metadata_gives_upright_frames(localizer: Localizer, clip_dir: Path) -> None:
     frames = videoclips.cat_frames((320, 240), 4)
     marked = [f.copy() for f in frames]

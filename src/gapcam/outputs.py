@@ -42,6 +42,11 @@ class OutputGuard:
         self.protected = {_identity(p) for p in inputs if p.exists()}
         self.overwrite = overwrite
 
+    def protect(self, path: Path) -> None:
+        """Add ``path`` to the inputs (a video whose frames arrive one by one)."""
+        if path.exists():
+            self.protected.add(_identity(path))
+
     def check(self, target: Path) -> None:
         if target.exists() and _identity(target) in self.protected:
             raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")

@@ -26,6 +26,7 @@ Memory stays the same whatever the clip's length; the temporary file grows with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tempfile
@@ -59,9 +60,6 @@ DEFAULT_SMOOTH = 0.08
 #: the most frames, on average, the box of a moving object trails the unsmoothed one with
 #: ``DEFAULT_SMOOTH`` at 25 frames a second (tests/test_video.py measures it)
 SMOOTH_LAG_FRAMES = 2
-#: threads that make the frames' Results (maps upsampled and normalised, boxes) from the
-#: smoothed scores, a batch at a time
-RESULT_THREADS = 2
 #: the classes whose raw maps the first pass keeps per frame (see the module doc)
 CANDIDATES = 10
 
@@ -202,9 +200,12 @@ class VideoFrames(Iterator[FrameResult]):
         if chunk:
             yield chunk
 
+    @property
+    def _path(self) -> Path | None:
+        return Path(self.source) if isinstance(self.source, (str, Path)) else None
+
     def _loaded(self, frame: clips.Frame, image: Image.Image | None = None) -> LoadedImage:
-        path = Path(self.source) if isinstance(self.source, (str, Path)) else None
-        return LoadedImage(image or Image.fromarray(frame.image), self.label, path)
+        return LoadedImage(image or Image.fromarray(frame.image), self.label, self._path)
 
     def _batches(self) -> Iterator[_Batch]:
         """The decoded frames in batches, each with its pictures and the analysed ones."""
@@ -291,9 +292,10 @@ class VideoFrames(Iterator[FrameResult]):
         streams = self.localizer.concurrency
         with ExitStack() as stack:
             pool = executor(streams if streams > 1 else 0, stack, "infer")
-            # each frame's Result (upsampled, normalised maps, boxes) is made on these threads,
-            # a batch at a time, as gapcam.batch makes them on its inference streams
-            makers = executor(RESULT_THREADS, stack, "result")
+            # each frame's Result (upsampled, normalised maps, boxes) is made on as many
+            # threads as there are inference streams, as gapcam.batch makes them on its
+            # streams (with the eager backend: here, one at a time)
+            makers = executor(streams if streams > 1 else 0, stack, "result")
             for (batch, _), outcome in ordered_map(compute, prepared, pool, window=streams):
                 if isinstance(outcome, GapcamError):
                     raise outcome
@@ -312,7 +314,7 @@ class VideoFrames(Iterator[FrameResult]):
                     made.append(
                         makers.submit(
                             self.localizer.frame_result,
-                            LoadedImage(image, self.label, None),
+                            LoadedImage(image, self.label, self._path),
                             logits,
                             scores.chosen,
                             low[None],
@@ -532,15 +534,17 @@ def write(
     frames: Iterable[FrameResult],
     target: str | Path,
     *,
-    audio_from: Any = None,
+    audio_from: str | Path | None = None,
     alpha: float = 0.5,
     cmap: str = "jet",
     overwrite: bool = False,
     workers: int = 2,
 ) -> Path:
     """Draw ``frames`` (as ``Result.figure`` draws an image) into an H.264 MP4 at ``target``,
-    at the frames' timestamps, with the audio of ``audio_from`` copied; written atomically."""
-    guard = OutputGuard([Path(audio_from)] if isinstance(audio_from, (str, Path)) else [])
+    at the frames' timestamps, with the audio of the file ``audio_from`` copied; written
+    atomically, never over the frames' source (``Result.path``) or ``audio_from``, nor over an
+    existing file unless ``overwrite``."""
+    guard = OutputGuard([Path(audio_from)] if audio_from is not None else [])
     guard.overwrite = overwrite
     return write_frames(
         frames, Path(target), guard, audio_from=audio_from, alpha=alpha, cmap=cmap,
@@ -553,7 +557,7 @@ def write_frames(
     target: Path,
     guard: OutputGuard,
     *,
-    audio_from: Any = None,
+    audio_from: str | Path | None = None,
     alpha: float = 0.5,
     cmap: str = "jet",
     workers: int = 2,
@@ -569,6 +573,13 @@ def write_frames(
 
     window = max(1, window)
     encoding: deque[Future[None]] = deque()
+    frames = iter(frames)
+    first = next(frames, None)  # (a clip's first pass runs here)
+    if first is None:
+        raise VideoError(f"{target}: no frames to write")
+    if first.result.path is not None:
+        guard.protect(first.result.path)  # never written over its own source
+    frames = itertools.chain([first], frames)
     with (
         guard.file(target) as temp,
         ThreadPoolExecutor(max(1, workers), thread_name_prefix="gapcam-draw") as pool,

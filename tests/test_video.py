@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -447,3 +449,40 @@ def test_cli_refuses_what_does_not_apply(
         (line,) = done.stderr.strip().splitlines()
         assert message in line, (args, line)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_terminated_mid_video_leaves_no_partial_file(clip_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM while the overlay video is being encoded: exit 143, and neither the video, its
+    temporary file nor the --json document is left."""
+    path = clip_dir / "long.mp4"
+    videoclips.moving_cat(path, frames=400, rate=25, size=(320, 240), scale=0.4)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "localize",
+            str(path),
+            "--out",
+            str(out),
+            "--class",
+            "285",
+            "-q",
+            "--backend",
+            "eager",
+            "--json",
+            str(out / "run.json"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 10_000 for p in out.glob(".long.cam.mp4.*.tmp")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the video was never being written"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert list(out.iterdir()) == []

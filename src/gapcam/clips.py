@@ -213,9 +213,15 @@ def _frames(source: Any, label: str, max_pixels: int) -> Iterator[Frame]:
         time_base = Fraction(stream.time_base or Fraction(1, 90000))
         rate = stream.average_rate or stream.guessed_rate or 25
         index, last_pts = 0, None
+        claimed = stream.codec_context.width * stream.codec_context.height
         try:
             for frame in container.decode(stream):
                 _check_pixels(label, frame.width, frame.height, max_pixels)
+                if frame.width * frame.height > claimed:  # memory was planned from the header
+                    raise VideoError(
+                        f"{label}: frame {index} is {frame.width}x{frame.height} pixels, more "
+                        "than the stream's header says; refusing it"
+                    )
                 pts = frame.pts
                 if pts is None:  # no timestamps (raw streams, some AVI): from the frame rate
                     pts = round(index / float(rate) / time_base)

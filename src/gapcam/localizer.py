@@ -13,7 +13,7 @@ a measured combination for the model (``preset_views``: ``MODEL_PRESETS``, ``PRE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from gapcam.types import (
 )
 
 if TYPE_CHECKING:
-    from gapcam.video import FrameResult
+    from gapcam.video import VideoFrames
 
 #: The output stride of the supported networks' last feature map. View sizes are rounded to a
 #: multiple of it: otherwise the h x w grid spans more than the input (336 px gives an 11 x 11
@@ -537,11 +537,12 @@ class Localizer:
             self.settings(),
         )
 
-    def video(self, source: Any, **options: Any) -> Iterator[FrameResult]:
-        """The frames of a video (a path or a binary file object) as ``FrameResult``s, lazily:
-        ``gapcam.video.frames`` (its keywords: ``classes``, ``top_k``, ``fps``, ``smooth``,
-        ``sampled_only``, ``predictions``); ``gapcam.video.write`` turns them into an annotated
-        video. Needs PyAV (``pip install 'gapcam[video]'``)."""
+    def video(self, source: Any, **options: Any) -> VideoFrames:
+        """The frames of a video (a path or a seekable binary file) as ``FrameResult``s, made
+        as they are asked for (``gapcam.video.VideoFrames``; keywords: ``classes``, ``top_k``,
+        ``fps``, ``smooth``, ``sampled_only``, ``predictions``); it also holds the clip's
+        ``classes`` and their ``mean_probability``. ``gapcam.video.write`` turns the frames into
+        an annotated video. Needs PyAV (``pip install 'gapcam[video]'``)."""
         from gapcam import video
 
         return video.frames(self, source, **options)

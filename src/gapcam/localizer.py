@@ -291,6 +291,20 @@ class Localizer:
             )
         object.__setattr__(self, "calibration", tuple(given))
 
+    def __repr__(self) -> str:
+        """The model's name and the settings that differ from the defaults, on one line (the
+        built GapModel is ``model``; the default dataclass repr printed its whole network)."""
+        shown = [repr(self._model.name)]
+        for item in fields(self):
+            if not item.init or not item.repr or item.name in ("model", "weights"):
+                continue
+            value = getattr(self, item.name)
+            if value != item.default:
+                shown.append(f"{item.name}={value!r}")
+        if self._model.device.type != "cpu":
+            shown.append(f"on {self._model.device}")
+        return f"Localizer({', '.join(shown)})"
+
     @property
     def gap_model(self) -> GapModel:
         return self._model

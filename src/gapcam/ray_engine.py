@@ -11,26 +11,40 @@ width, height, top-k ``classes``/``names``/``scores``, ``map_classes``, ``boxes`
 in original pixels, largest first), ``cam`` (the raw low-res maps, float16 bytes of shape
 ``cam_shape`` = k x h x w), ``cam_region`` (where that grid lies over the image, for
 ``gapcam.cam.upsample(maps, (height, width), region)``: the letterbox, and a dilated grid's
-placement) and ``overlay`` (path of the overlay image, unless --no-overlay).
+placement), ``overlay`` (path of the overlay image, unless --no-overlay) and ``node`` (the Ray
+node ID of the actor that made the row).
 
 Each actor builds its Localizer once, with ``Localizer.from_options`` from the same plain
 settings the local engine uses (``gapcam.cli.options.localizer_options``): a model name and
 weights, or ``checkpoint``, a run folder made by ``gapcam train``, whose path the actors get and
 load with ``load_checkpoint`` (safetensors and JSON: nothing is unpickled).
 
-Connect to a cluster with ``address="ray://HEAD:10001"`` (or ``$RAY_ADDRESS``); without one a
-local Ray instance is started. OUT, the image paths and the checkpoint folder must then be
-reachable from every node (a shared filesystem, or URIs for the images).
+Where the driver runs (``address``, else ``$RAY_ADDRESS``, else a local Ray started here):
+
+- ``ray://HEAD:10001`` (Ray Client, from a laptop outside the cluster): Ray Data is not meant to
+  be driven through the client, so this process only connects, and the whole job (listing,
+  ``map_batches``, Parquet) runs as one task pinned to the head node (``run_on_cluster``);
+  paths are made absolute here and must mean the same files on the cluster's nodes.
+- ``auto`` or ``HEAD:6379`` (on a cluster node, or inside ``ray job submit``): the driver is this
+  process.
+
+OUT, the image paths and the checkpoint folder must be reachable from every node (a shared
+filesystem, or URIs for the images). Each row records the node that made it (``node``). Ray Data
+restarts actors and retries their batches when a node dies, so a lost worker node costs time,
+not rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
+import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +127,14 @@ def schema() -> Any:
             ("cam_shape", pa.list_(pa.int32())),
             ("cam_region", pa.list_(pa.float64(), 4)),
             ("overlay", pa.string()),
+            ("node", pa.string()),
         ]
     )
 
 
-def result_row(result: Result, path: str, overlay: str | None = None) -> dict[str, Any]:
+def result_row(
+    result: Result, path: str, overlay: str | None = None, node: str | None = None
+) -> dict[str, Any]:
     import numpy as np
 
     low = np.stack([m.low_res for m in result.maps]).astype(np.float16)
@@ -135,22 +152,25 @@ def result_row(result: Result, path: str, overlay: str | None = None) -> dict[st
         "cam_shape": list(low.shape),
         "cam_region": list(result.region),
         "overlay": overlay,
+        "node": node,
     }
 
 
-def error_row(path: str, message: str) -> dict[str, Any]:
+def error_row(path: str, message: str, node: str | None = None) -> dict[str, Any]:
     empty = dict.fromkeys(schema().names)
-    return {**empty, "path": path, "error": message}
+    return {**empty, "path": path, "error": message, "node": node}
 
 
 class LocalizeActor:
     """One Localizer per Ray actor; ``__call__`` maps a batch of paths to result rows."""
 
     def __init__(self, options: dict[str, Any], threads: int = 1) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.options = options
+        self.node = ray.get_runtime_context().get_node_id()
         self.localizer = Localizer.from_options(options["localizer"])
 
     def __call__(self, batch: dict[str, Any]) -> Any:
@@ -163,7 +183,7 @@ class LocalizeActor:
                 loaded.append((len(rows), _read(path, self.localizer.max_pixels)))
                 rows.append(None)
             except GapcamError as exc:
-                rows.append(error_row(path, str(exc)))
+                rows.append(error_row(path, str(exc), self.node))
         top_k = self.options["top_k"]
         results = self.localizer.explain(
             [item for _, item in loaded],
@@ -174,9 +194,9 @@ class LocalizeActor:
         for (index, _), result in zip(loaded, results, strict=True):
             path = str(batch["path"][index])
             try:
-                rows[index] = result_row(result, path, self._overlay(result, path))
+                rows[index] = result_row(result, path, self._overlay(result, path), self.node)
             except GapcamError as exc:
-                rows[index] = error_row(path, str(exc))
+                rows[index] = error_row(path, str(exc), self.node)
         return pa.Table.from_pylist(rows, schema=schema())
 
     def _overlay(self, result: Result, path: str) -> str | None:
@@ -209,6 +229,18 @@ def check_checkpoint(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {**settings, "checkpoint": str(Path(checkpoint).resolve())}
 
 
+@dataclass(frozen=True)
+class RayRun:
+    """What a Ray run did: inputs done and failed, the OUT folder, rows per node (a label
+    ``<node id, 8 hex digits> (<ip>)`` -> rows made there), and notes for the user."""
+
+    done: int
+    failed: int
+    out: Path
+    nodes: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
 def run(
     inputs: Sequence[str],
     localizer: Mapping[str, Any],
@@ -223,53 +255,194 @@ def run(
     batch_size: int | None = None,
     quiet: bool = False,
     on_error: Callable[[str], None] = lambda _: None,
-) -> tuple[int, int, Path]:
+) -> RayRun:
     """The Ray job: list ``inputs``, map them with actors that build their Localizer from the
     plain settings ``localizer`` (``Localizer.from_options``), write Parquet (and the overlays
-    ``outputs`` asks for) to ``outputs.folder``. Returns (inputs done, inputs failed, the
-    folder); unreadable inputs go to ``on_error`` as they are listed (the actors' failures are
-    rows with ``error`` set). ``outputs.save_cam`` is not supported: the rows hold the maps."""
-    out = outputs.folder
+    ``outputs`` asks for) to ``outputs.folder``. Unreadable inputs go to ``on_error`` (the
+    actors' failures are rows with ``error`` set). ``outputs.save_cam`` is not supported: the
+    rows hold the maps. ``address`` ``ray://...`` runs the driver on the cluster's head node
+    (module docstring); anything else drives Ray Data from this process."""
     if outputs.save_cam:
         raise GapcamError("save_cam=True: the Ray engine's rows hold the raw maps (column cam)")
     try:
         import ray
     except ImportError as exc:
         raise GapcamError("the Ray engine needs Ray Data: pip install 'gapcam[ray]'") from exc
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+    job = {
+        "inputs": list(inputs),
+        "localizer": dict(localizer),
+        "outputs": outputs,
+        "classes": list(classes) if classes is not None else None,
+        "top_k": top_k,
+        "limit": limit,
+        "overwrite": overwrite,
+        "actors": actors,
+        "batch_size": batch_size,
+    }
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith("ray://"):
+        return _run_through_client(address, job, quiet=quiet, on_error=on_error)
+    if outputs.folder.exists() and not overwrite:  # before Ray starts
+        raise OutputError(
+            f"{outputs.folder}: already exists; pass overwrite=True or choose another out="
+        )
     settings = check_checkpoint(localizer)  # a bad checkpoint fails here, before Ray starts
-    paths, problems = list_sources(list(inputs))
-    paths = paths[:limit] if limit else paths
+    if not ray.is_initialized():
+        level = logging.WARNING if quiet else logging.INFO
+        ray.init(address=address, log_to_driver=False, logging_level=level)
+    return _drive({**job, "localizer": settings}, progress=not quiet, on_error=on_error)
+
+
+def _drive(
+    job: dict[str, Any],
+    *,
+    progress: bool,
+    on_error: Callable[[str], None],
+    staging_name: str | None = None,
+) -> RayRun:
+    """The driver, in a process connected to the cluster: list, map, write to a staging folder
+    next to OUT (``staging_name``, else a fresh one), rename it to OUT when complete."""
+    import ray
+
+    outputs: Outputs = job["outputs"]
+    out = outputs.folder
+    if out.exists() and not job["overwrite"]:
+        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+    paths, problems = list_sources(job["inputs"])
+    paths = paths[: job["limit"]] if job["limit"] else paths
     for message in problems:
         on_error(message)
     if not paths:
         raise GapcamError("no images to process: check the SOURCE arguments")
-    if not ray.is_initialized():
-        level = logging.WARNING if quiet else logging.INFO
-        ray.init(address=address, log_to_driver=False, logging_level=level)
-    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    if not progress:  # -q: Ray Data's own INFO lines too
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if staging_name:
+        staging = out.parent / staging_name
+        staging.mkdir()
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         options = {
-            "localizer": settings,
-            "classes": classes,
-            "top_k": top_k,
+            "localizer": job["localizer"],
+            "classes": job["classes"],
+            "top_k": job["top_k"],
             "overlays": str(staging / "overlays") if outputs.overlay else None,
             "outputs": asdict(outputs),
             "final_out": str(out),
         }
-        rows = localize_dataset(paths, options, actors=actors, batch_size=batch_size)
-        rows.write_parquet(str(staging / "parquet"))
-        errors = _count_errors(staging / "parquet")
+        rows = localize_dataset(paths, options, actors=job["actors"], batch_size=job["batch_size"])
+        # writing Parquet takes no CPU slot: every CPU of a small cluster runs an actor
+        rows.write_parquet(str(staging / "parquet"), ray_remote_args={"num_cpus": 0})
+        errors, nodes = _tally(staging / "parquet")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return len(paths) - errors, errors + len(problems), out
+    return RayRun(len(paths) - errors, errors + len(problems), out, nodes)
+
+
+def run_on_cluster(job: dict[str, Any], staging_name: str) -> dict[str, Any]:
+    """The body of the driver task that ``ray://`` runs on the head node: ``_drive``, with its
+    expected failures (a bad path, an existing OUT, a bad checkpoint) returned as text rather
+    than raised through Ray Client, and the listing problems returned for the caller."""
+    import gapcam
+
+    problems: list[str] = []
+    answer: dict[str, Any] = {"version": gapcam.__version__, "problems": problems}
+    try:
+        job = {**job, "localizer": check_checkpoint(job["localizer"])}
+        answer["run"] = _drive(
+            job, progress=False, on_error=problems.append, staging_name=staging_name
+        )
+    except OutputError as exc:
+        answer["error"], answer["kind"] = str(exc), "output"
+    except GapcamError as exc:
+        answer["error"], answer["kind"] = str(exc), "input"
+    return answer
+
+
+def _run_through_client(
+    address: str, job: dict[str, Any], *, quiet: bool, on_error: Callable[[str], None]
+) -> RayRun:
+    import ray
+
+    import gapcam
+
+    job = _absolute_paths(job)
+    out: Path = job["outputs"].folder
+    if out.exists() and not job["overwrite"]:  # when OUT is visible here too: before connecting
+        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+    try:
+        # the client's own warnings and logs are not the user's: failures are raised
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not ray.is_initialized():
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise GapcamError(
+            f"--ray-address {safe_text(address)}: cannot connect to the Ray cluster "
+            f"({safe_text(exc)}); is the head's client server running (ray start --head "
+            "--ray-client-server-port 10001), and are RAY_AUTH_MODE=token and the cluster's "
+            "token set here?"
+        ) from exc
+    # its reconnection notices are not ours either: a lost cluster is one line, below
+    logging.getLogger("ray.util.client.logsclient").setLevel(logging.ERROR)
+    staging_name = f".{out.name}.{uuid.uuid4().hex[:12]}"
+    task = ray.remote(run_on_cluster).options(
+        num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_retries=0
+    )
+    try:
+        answer = ray.get(task.remote(job, staging_name))
+    except Exception as exc:  # the cluster, or the connection to it, went away
+        shutil.rmtree(out.parent / staging_name, ignore_errors=True)
+        raise GapcamError(
+            f"the Ray cluster at {safe_text(address)} failed during the run "
+            f"({safe_text(_first_line(exc))}); nothing was written to {safe_text(out)}"
+        ) from exc
+    for message in answer["problems"]:
+        on_error(message)
+    if "error" in answer:
+        kind = OutputError if answer["kind"] == "output" else GapcamError
+        raise kind(answer["error"])
+    result: RayRun = answer["run"]
+    if answer["version"] != gapcam.__version__:
+        note = (
+            f"the cluster runs gapcam {safe_text(answer['version'])}, this machine "
+            f"{gapcam.__version__}: install the same version on both"
+        )
+        result = replace(result, notes=(*result.notes, note))
+    return result
+
+
+#: the resource only the head node has: where the ``ray://`` driver task runs
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def _absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with every local path absolute, as the driver task on the cluster must see it
+    (its working folder is not this one)."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path else str(Path(path).absolute())
+
+    settings = dict(job["localizer"])
+    for key in ("checkpoint", "weights"):
+        if settings.get(key):
+            settings[key] = absolute(str(settings[key]))
+    if settings.get("calibration"):
+        settings["calibration"] = [absolute(str(p)) for p in settings["calibration"]]
+    outputs = replace(job["outputs"], folder=job["outputs"].folder.absolute())
+    inputs = [absolute(p) for p in job["inputs"]]
+    return {**job, "inputs": inputs, "localizer": settings, "outputs": outputs}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def localize_dataset(
@@ -280,28 +453,42 @@ def localize_dataset(
     batch_size: int | None = None,
 ) -> Any:
     """The lazy Ray dataset of result rows (one per path, in order). ``actors``: how many
-    (default: one per 4 CPUs of the cluster, one per CPU up to 4 CPUs, keeping one CPU for the
-    Parquet writers)."""
+    (default: one per CPU of the cluster when its smallest node has up to 4 CPUs, else one per
+    4 CPUs, each with 4 threads). Ray Data restarts the actors, and retries their batches,
+    when their node dies (its defaults for actor pools: ``max_restarts=-1``,
+    ``max_task_retries=-1``; tests/test_ray_cluster.py kills a node)."""
     import ray
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_actor = 1 if cpus <= 4 else 4
-    actors = actors or max(1, (cpus - 1) // per_actor)
+    per_node = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    per_node = [cpus for cpus in per_node if cpus > 0] or [1]
+    per_actor = 1 if min(per_node) <= 4 else 4
+    actors = actors or max(1, sum(cpus // per_actor for cpus in per_node))
     dataset = ray.data.from_items([{"path": p} for p in paths])
     return dataset.map_batches(
         LocalizeActor,
         fn_constructor_kwargs={"options": options, "threads": per_actor},
         batch_size=batch_size or 16,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=per_actor,
     )
 
 
-def _count_errors(folder: Path) -> int:
-    import pyarrow.parquet as pq
+def _tally(folder: Path) -> tuple[int, dict[str, int]]:
+    """(rows with an error, rows per node label) of the Parquet rows in ``folder``."""
+    from collections import Counter
 
-    table = pq.read_table(folder, columns=["error"])
-    return int(table.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
+    import pyarrow.parquet as pq
+    import ray
+
+    table = pq.read_table(folder, columns=["error", "node"])
+    errors = int(table.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
+    counts = Counter(table.column("node").to_pylist())
+    addresses = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes()}
+    nodes = {
+        f"{(node or 'none')[:8]} ({addresses.get(node, '?')})": count
+        for node, count in sorted(counts.items(), key=lambda item: -item[1])
+    }
+    return errors, nodes

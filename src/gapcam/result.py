@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gapcam import cam, overlay
+from gapcam import cam, outputs, overlay
 from gapcam.types import Box, ClassMap, Prediction, Settings
 
 
@@ -101,6 +101,23 @@ class Result:
             self.overlay(i, alpha=alpha, cmap=cmap, boxes=boxes) for i in range(len(self.maps))
         ]
         return panels[0] if len(panels) == 1 else overlay.grid(panels)
+
+    def _repr_png_(self) -> bytes:
+        """The figure (``figure()``) as PNG bytes: how a notebook (IPython, Jupyter) shows a
+        result."""
+        return outputs.encode_image(self.figure(), "png")
+
+    def __repr__(self) -> str:
+        """One line: the name, the size, the top prediction and each map's class and box
+        (the arrays stay out of it; ``to_dict()`` has every number)."""
+        width, height = self.size
+        top = self.predictions[0] if self.predictions else None
+        best = f"{top.name!r} ({top.index}) {top.probability:.1%}" if top else "none"
+        maps = ", ".join(
+            f"{m.prediction.name!r}: " + (f"box {m.boxes[0].as_list()}" if m.boxes else "no box")
+            for m in self.maps
+        )
+        return f"Result({self.name!r}, {width}x{height}, top {best}, maps [{maps}])"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``gapcam.schema.RESULT_FIELDS`` (docs/json.md)."""

@@ -120,7 +120,11 @@ def add(commands: Any) -> None:
     )
     p.add_argument("--limit", type=options.positive, metavar="N", help="only the first N images")
     p.add_argument(
-        "--ray-address", metavar="ADDR", help="with --engine ray: ray://HOST:10001, auto, ..."
+        "--ray-address",
+        metavar="ADDR",
+        help="with --engine ray: ray://HEAD:10001 from outside the cluster (the driver runs "
+        "on the head node), auto or HEAD:6379 on a cluster node (default: $RAY_ADDRESS, else "
+        "a local Ray)",
     )
     p.add_argument(
         "--max-pixels",
@@ -494,7 +498,7 @@ def _run_ray(args: argparse.Namespace) -> int:
         )
     Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
     refuse_videos(args.inputs)
-    done, failed, out = ray_engine.run(
+    run = ray_engine.run(
         args.inputs,
         settings,
         _outputs(args),
@@ -508,11 +512,13 @@ def _run_ray(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         on_error=lambda message: print(error_line(message, args.flags), file=sys.stderr),
     )
-    print(
-        f"gapcam: {done} of {done + failed} inputs done, {failed} failed; "
-        f"Parquet in {out / 'parquet'}",
-        file=sys.stderr,
-    )
+    done, failed = run.done, run.failed
+    lines = [
+        f"{done} of {done + failed} inputs done, {failed} failed; Parquet in {run.out / 'parquet'}"
+    ]
+    lines += [f"  node {node}: {count} rows" for node, count in run.nodes.items()]
+    lines += [f"note: {note}" for note in run.notes]
+    print("gapcam: " + "\n".join(lines), file=sys.stderr)
     return 0 if not failed else 1
 
 

@@ -124,6 +124,15 @@ class GapModel:
             return torch.zeros(self.num_classes, dtype=self.weight.dtype, device=self.weight.device)
         return bias
 
+    def __repr__(self) -> str:
+        """One line (the module's repr is the whole network: print ``module`` for it)."""
+        height, width = self.preprocess.size
+        dilated = f", output stride {self.output_stride}" if self.step > 1 else ""
+        return (
+            f"GapModel({self.name!r}, {self.num_classes} classes, {self.num_features} features, "
+            f"input {height}x{width}, source={self.source!r}{dilated}, on {self.device})"
+        )
+
     @property
     def num_classes(self) -> int:
         return int(self.weight.shape[0])

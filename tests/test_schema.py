@@ -26,7 +26,7 @@ VALIDATOR = jsonschema.Draft202012Validator(schema.localize_schema())
 
 
 def docs_blocks() -> list[str]:
-    """The ```json blocks of docs/json.md: the example, then the schema."""
+    """The ```json blocks of docs/json.md: the example, a video's entry, then the schema."""
     return re.findall(r"^```json\n(.*?)\n```$", DOCS.read_text(encoding="utf-8"), re.S | re.M)
 
 
@@ -48,7 +48,8 @@ def localize_json(tmp_path: Path, *options: str) -> dict[str, Any]:
 def test_schemas_are_valid_draft_2020_12() -> None:
     jsonschema.Draft202012Validator.check_schema(schema.localize_schema())
     jsonschema.Draft202012Validator.check_schema(LOCALIZE_ANSWER)
-    assert schema.localize_schema()["properties"]["results"]["items"] is schema.RESULT
+    entry = schema.localize_schema()["properties"]["results"]["items"]
+    assert (entry["then"], entry["else"]) == (schema.VIDEO, schema.RESULT)
 
 
 def test_localize_json_top_k_validates(tmp_path: Path) -> None:
@@ -123,5 +124,7 @@ def test_validator_rejects_wrong_types_missing_and_unknown_fields() -> None:
 
 def test_docs_show_the_generated_schema() -> None:
     assert json.loads(schema.text()) == schema.localize_schema()  # the layout loses nothing
-    _, shown = docs_blocks()
+    _, video_entry, shown = docs_blocks()
+    validator = jsonschema.Draft202012Validator(schema.VIDEO)
+    assert problems(json.loads(video_entry), validator) == []
     assert shown == schema.text(), "docs/json.md: paste the output of `python -m gapcam.schema`"

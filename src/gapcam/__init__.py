@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         OutputError,
         TrainingError,
         UnsupportedModelError,
+        VideoError,
     )
     from gapcam.images import load_image
     from gapcam.localizer import Localizer
@@ -47,6 +48,7 @@ _LOCATIONS = {
     "TrainConfig": "gapcam.train",
     "TrainingError": "gapcam.errors",
     "UnsupportedModelError": "gapcam.errors",
+    "VideoError": "gapcam.errors",
     "box_iou": "gapcam.boxes",
     "boxes_from_map": "gapcam.boxes",
     "boxes_from_mask": "gapcam.boxes",

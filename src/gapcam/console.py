@@ -46,9 +46,15 @@ def safe_text(text: object, limit: int = SAFE_TEXT_LIMIT) -> str:
 
 
 def progress_bar(
-    total: int, label: str | None = None, *, quiet: bool = False, after: int = 0
+    total: int | None,
+    label: str | None = None,
+    *,
+    quiet: bool = False,
+    after: int = 0,
+    unit: str = "img",
 ) -> Any:
-    """A tqdm bar on standard error for ``total`` items (its ``update``/``close`` always work).
+    """A tqdm bar on standard error for ``total`` items (None: a count without a total, such as
+    the frames of a video whose container does not say; its ``update``/``close`` always work).
 
     It stays hidden with ``quiet``, for ``after`` items or fewer, and whenever standard error
     is not a terminal: in a log or a pipe its carriage-return updates would glue onto the
@@ -56,5 +62,5 @@ def progress_bar(
     """
     from tqdm import tqdm
 
-    disable = True if quiet or total <= after else None  # None: only on a terminal
-    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, leave=False, disable=disable)
+    disable = True if quiet or (total is not None and total <= after) else None  # None: a tty
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False, disable=disable)

@@ -2,6 +2,7 @@
 
     GapcamError                 base class; catch this to catch everything gapcam raises on purpose
     ├── ImageError              an input image is missing, unreadable, corrupt or too large
+    ├── VideoError              an input video cannot be read: no PyAV, no video stream, corrupt
     ├── ModelError              unknown model, unsupported architecture, weights that cannot be had
     │   └── UnsupportedModelError   the network is not GAP + one linear layer, so it has no exact CAM
     ├── ClassSelectionError     a requested class index or name does not exist in the model
@@ -34,6 +35,11 @@ class GapcamError(Exception):
 
 class ImageError(GapcamError):
     """An input image is missing, unreadable, corrupt, of an unsupported kind or too large."""
+
+
+class VideoError(GapcamError):
+    """An input video cannot be read: PyAV missing, not a video, no video stream or no frames,
+    corrupt or truncated, frames over the pixel limit."""
 
 
 class ModelError(GapcamError):

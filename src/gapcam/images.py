@@ -543,9 +543,12 @@ class InputProblem(str):
 
 
 def expand_inputs(
-    arguments: Sequence[str], exclude: Sequence[Path] = ()
+    arguments: Sequence[str],
+    exclude: Sequence[Path] = (),
+    suffixes: frozenset[str] = IMAGE_SUFFIXES,
 ) -> tuple[list[tuple[Path, Path]], list[InputProblem]]:
-    """Expand files, folders (recursively) and globs into image paths.
+    """Expand files, folders (recursively) and globs into image paths (folders: the files
+    whose name ends in one of ``suffixes``; ``gapcam localize`` adds the video suffixes).
 
     Returns ``(found, problems)`` where ``found`` holds ``(path, relative_name)`` pairs in a
     stable order (the relative name mirrors the folder structure under a folder argument) and
@@ -588,7 +591,7 @@ def expand_inputs(
             problems.append(InputProblem(argument, _cannot_read(exc)))
             continue
         if folder:
-            members, trouble = _walk(path)
+            members, trouble = _walk(path, suffixes)
             members = sorted(m for m in members if outside(m, path))
             # what lies inside the output folder is skipped, its problems as its images
             trouble = sorted(
@@ -600,7 +603,9 @@ def expand_inputs(
                     problems.append(problem)
             if not members and not trouble:
                 problems.append(
-                    InputProblem(argument, f"folder holds no image files ({_suffix_list()})")
+                    InputProblem(
+                        argument, f"folder holds no image files ({_suffix_list(suffixes)})"
+                    )
                 )
             for member in members:
                 add(member, member.relative_to(path))
@@ -632,7 +637,7 @@ def expand_inputs(
     return found, problems
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[InputProblem]]:
+def _walk(folder: Path, suffixes: frozenset[str]) -> tuple[list[Path], list[InputProblem]]:
     """The image files under ``folder`` (links to folders are not followed, as in
     ``Path.rglob``), and a problem for each folder that cannot be listed and each image file
     that cannot be examined. Iterative: any depth, no recursion limit."""
@@ -653,7 +658,7 @@ def _walk(folder: Path) -> tuple[list[Path], list[InputProblem]]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(path)
-                elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                elif path.suffix.lower() in suffixes and entry.is_file():
                     files.append(path)
             except OSError as exc:
                 problems.append(InputProblem(str(path), _cannot_read(exc)))
@@ -685,5 +690,5 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _suffix_list() -> str:
-    return ", ".join(sorted(IMAGE_SUFFIXES))
+def _suffix_list(suffixes: frozenset[str] = IMAGE_SUFFIXES) -> str:
+    return ", ".join(sorted(suffixes))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from gapcam.types import (
     Preprocess,
     Settings,
 )
+
+if TYPE_CHECKING:
+    from gapcam.video import VideoFrames
 
 #: The output stride of the supported networks' last feature map. View sizes are rounded to a
 #: multiple of it: otherwise the h x w grid spans more than the input (336 px gives an 11 x 11
@@ -81,6 +84,22 @@ def view_options(
     if output_stride is not None:
         views["output_stride"] = output_stride
     return views
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one forward pass gives for a batch of N images, before per-image results:
+    ``logits`` and ``probabilities`` (N x K), the ``top`` classes by probability (N x k, for
+    the predictions), the ``mapped`` classes (N x m) and their raw maps ``low`` (N x m x h x w,
+    on the model's device), and where the maps' grid lies (``preprocess``, ``placement``)."""
+
+    logits: torch.Tensor
+    probabilities: torch.Tensor
+    top: torch.Tensor
+    mapped: torch.Tensor
+    low: torch.Tensor
+    preprocess: Preprocess
+    placement: Placement
 
 
 def _stride_multiple(side: float) -> int:
@@ -426,6 +445,45 @@ class Localizer:
         """
         if not loaded:
             return []
+        scores = self.scores(
+            loaded,
+            classes=classes,
+            top_k=top_k,
+            predictions=predictions,
+            classes_per_image=classes_per_image,
+        )
+        settings = self.settings()
+        mapped_rows, logit_rows, probability_rows, top_rows = (
+            t.cpu().tolist()
+            for t in (scores.mapped, scores.logits, scores.probabilities, scores.top)
+        )
+        return [
+            self._result(
+                item,
+                scores.low[i : i + 1],
+                mapped_rows[i],
+                logit_rows[i],
+                probability_rows[i],
+                top_rows[i],
+                scores.preprocess,
+                scores.placement,
+                settings,
+            )
+            for i, item in enumerate(loaded)
+        ]
+
+    def scores(
+        self,
+        loaded: Sequence[images.LoadedImage],
+        *,
+        classes: Sequence[int | str] | None = None,
+        top_k: int = 1,
+        predictions: int = 5,
+        classes_per_image: Sequence[Sequence[int | str]] | None = None,
+    ) -> Scores:
+        """The forward pass of ``explain`` without the per-image results: logits and the raw
+        low-resolution maps of the mapped classes for a batch (``gapcam.video`` smooths them
+        over time before ``frame_result`` makes each frame's Result)."""
         model = self._model
         chosen = self._chosen(classes, classes_per_image, len(loaded))
         views = self.views()
@@ -454,25 +512,54 @@ class Localizer:
         if len(lows) > 1:
             low, placement = cam.merge_views(lows, [f for _, f in views], placements)
         grid = max(range(len(views)), key=lambda v: lows[v].shape[-2] * lows[v].shape[-1])
-        preprocess = views[grid][0]
-        settings = self.settings()
-        mapped_rows, logit_rows, probability_rows, top_rows = (
-            t.cpu().tolist() for t in (mapped, logits, probabilities, top_i[:, :k])
+        return Scores(
+            logits=logits,
+            probabilities=probabilities,
+            top=top_i[:, :k],
+            mapped=mapped,
+            low=low,
+            preprocess=views[grid][0],
+            placement=placement,
         )
-        return [
-            self._result(
-                item,
-                low[i : i + 1],
-                mapped_rows[i],
-                logit_rows[i],
-                probability_rows[i],
-                top_rows[i],
-                preprocess,
-                placement,
-                settings,
-            )
-            for i, item in enumerate(loaded)
-        ]
+
+    def frame_result(
+        self,
+        item: images.LoadedImage,
+        logits: torch.Tensor,
+        mapped: Sequence[int],
+        low: torch.Tensor,
+        preprocess: Preprocess,
+        placement: Placement,
+        *,
+        predictions: int = 5,
+    ) -> Result:
+        """The Result of one image from logits (K) and raw maps (1 x k x h x w) of the
+        ``mapped`` classes made elsewhere (``scores``, then smoothed over the frames of a
+        video): predictions, normalised maps and boxes as ``explain`` makes them."""
+        probabilities = torch.softmax(logits.float(), dim=0)
+        k = min(max(predictions, 1), self._model.num_classes)
+        top = probabilities.topk(k).indices
+        return self._result(
+            item,
+            low,
+            [int(c) for c in mapped],
+            logits.cpu().tolist(),
+            probabilities.cpu().tolist(),
+            top.cpu().tolist(),
+            preprocess,
+            placement,
+            self.settings(),
+        )
+
+    def video(self, source: Any, **options: Any) -> VideoFrames:
+        """The frames of a video (a path or a seekable binary file) as ``FrameResult``s, made
+        as they are asked for (``gapcam.video.VideoFrames``; keywords: ``classes``, ``top_k``,
+        ``fps``, ``smooth``, ``sampled_only``, ``predictions``); it also holds the clip's
+        ``classes`` and their ``mean_probability``. ``gapcam.video.write`` turns the frames into
+        an annotated video. Needs PyAV (``pip install 'gapcam[video]'``)."""
+        from gapcam import video
+
+        return video.frames(self, source, **options)
 
     def _chosen(
         self,

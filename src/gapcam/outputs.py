@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,6 +42,11 @@ class OutputGuard:
         self.protected = {_identity(p) for p in inputs if p.exists()}
         self.overwrite = overwrite
 
+    def protect(self, path: Path) -> None:
+        """Add ``path`` to the inputs (a video whose frames arrive one by one)."""
+        if path.exists():
+            self.protected.add(_identity(path))
+
     def check(self, target: Path) -> None:
         if target.exists() and _identity(target) in self.protected:
             raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")
@@ -54,6 +59,33 @@ class OutputGuard:
     def write_bytes(self, target: Path, data: bytes) -> Path:
         self.check(target)
         return atomic_write(target, data, overwrite=self.overwrite)
+
+    @contextlib.contextmanager
+    def file(self, target: Path) -> Iterator[Path]:
+        """A temporary path next to ``target`` for a writer that needs a file name of its own
+        (PyAV's muxer writing a video): on leaving the block without an error the finished file
+        is moved to ``target`` (as ``atomic_write`` does, with the same checks); on an error or
+        an interruption it is removed, so no partial output is ever left."""
+        self.check(target)
+        temp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(
+                prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent
+            )
+            temp = Path(name)
+            os.fchmod(handle, FILE_MODE)
+            os.close(handle)
+            yield temp
+            with open(temp, "rb+") as stream:
+                os.fsync(stream.fileno())
+            self.check(target)
+            _place(temp, target, self.overwrite)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+        finally:
+            if temp is not None:
+                temp.unlink(missing_ok=True)
 
 
 def check_folder(folder: Path) -> None:
@@ -270,9 +302,24 @@ class JsonStream:
             self.abort()
             raise
 
-    def add(self, result: Mapping[str, Any]) -> None:
+    def add(self, result: Mapping[str, Any], items: Iterable[Any] | None = None) -> None:
+        """One entry of ``results``. With ``items``, the entry's last key holds an empty list
+        that is filled with ``items`` as they are read (a video's frames, spilled to a file
+        while it ran): the entry is never whole in memory, the bytes are the same."""
         text = json.dumps(result, indent=2, ensure_ascii=False).replace("\n", "\n    ")
-        self._write(("," if self.count else "") + "\n    " + text)
+        if items is None:
+            self._write(("," if self.count else "") + "\n    " + text)
+            self.count += 1
+            return
+        if not text.endswith("[]\n    }"):
+            raise ValueError("items: the entry's last key must hold an empty list")
+        self._write(("," if self.count else "") + "\n    " + text[: -len("]\n    }")])
+        first = True
+        for item in items:
+            body = json.dumps(item, indent=2, ensure_ascii=False).replace("\n", "\n        ")
+            self._write(("\n" if first else ",\n") + "        " + body)
+            first = False
+        self._write(("]" if first else "\n      ]") + "\n    }")
         self.count += 1
 
     def close(self, errors: list[Any]) -> None:

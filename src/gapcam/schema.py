@@ -1,8 +1,8 @@
 """The JSON that gapcam writes, as JSON Schema (draft 2020-12), written once as Python data.
 
 ``localize_schema()`` is the ``gapcam localize --json`` document (``gapcam.localize/1``) and
-``RESULT`` one entry of its ``results``: ``Result.to_dict`` plus the paths of the files written
-for that image. The web API answers ``RESULT_FIELDS`` extended with its own fields
+``RESULT`` one image's entry of its ``results``: ``Result.to_dict`` plus the paths of the files
+written for that image; ``VIDEO`` one video's, with its analysed ``FRAME``s. The web API answers ``RESULT_FIELDS`` extended with its own fields
 (``gapcam.web.schemas``, served in ``/openapi.json``). docs/json.md shows ``text()``, which
 ``python -m gapcam.schema`` prints; a test keeps the two equal.
 
@@ -122,6 +122,65 @@ RESULT = extend(
     description="one image of `gapcam localize --json`",
 )
 
+FRAME = closed(
+    {
+        "frame": typed("integer", "the frame's number in the source, from 0", minimum=0),
+        "time": typed("number", "its presentation time in seconds"),
+        "predictions": array(
+            PREDICTION, "the best classes of the smoothed scores, best first", minItems=1
+        ),
+        "maps": array(
+            closed(
+                {
+                    **PREDICTION_FIELDS,
+                    "boxes": array(BOX, "largest component first, in upright frame pixels"),
+                }
+            ),
+            "one per mapped class of the clip (the same in every frame)",
+        ),
+    },
+    description="one analysed frame of a video",
+)
+
+VIDEO = closed(
+    {
+        "input": typed("string", "the input video as given"),
+        "width": typed("integer", "of a frame as players show it (rotation applied)", minimum=1),
+        "height": typed("integer", minimum=1),
+        "frame_count": typed(
+            "integer",
+            "frames drawn: every source frame, or the analysed ones with --sampled-only",
+            minimum=1,
+        ),
+        "analysed": typed("integer", "frames the network analysed (--fps samples)", minimum=1),
+        "classes": array(
+            closed(
+                {
+                    "index": PREDICTION_FIELDS["index"],
+                    "name": PREDICTION_FIELDS["name"],
+                    "mean_probability": typed(
+                        "number",
+                        "its probability averaged over the analysed frames",
+                        minimum=0,
+                        maximum=1,
+                    ),
+                }
+            ),
+            "the clip's mapped classes: --class, or the --top-k of highest mean probability",
+            minItems=1,
+        ),
+        "notes": array(typed("string"), "e.g. that the audio could not be copied"),
+        "frames": array(FRAME, "the analysed frames, in order"),
+    },
+    optional={
+        "overlay": typed("string", "the overlay video written, H.264 MP4 (unless --no-overlay)"),
+    },
+    description="one video of `gapcam localize --json`",
+)
+
+#: an entry of ``results``: a video's when it has ``frames``, else an image's
+ENTRY: Schema = {"if": {"required": ["frames"]}, "then": VIDEO, "else": RESULT}
+
 ERROR = closed(
     {
         "input": typed("string", "the input that failed"),
@@ -178,7 +237,7 @@ def localize_schema() -> Schema:
             "schema": typed("string", "format and version of this document", const=LOCALIZE_FORMAT),
             "gapcam_version": typed("string", "the gapcam that wrote it"),
             "settings": SETTINGS,
-            "results": array(RESULT, "one per image done, in input order"),
+            "results": array(ENTRY, "one per image or video done, in input order"),
             "errors": array(ERROR, "one per input that failed"),
         },
         description="what `gapcam localize --json FILE` writes (docs/json.md)",

@@ -20,6 +20,11 @@ BACKENDS: tuple[str, ...] = ("auto", "eager", "onnx")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
 #: overlay image formats (``gapcam.outputs``); ``auto``: JPEG for JPEG photos, else PNG
 OVERLAY_FORMATS: tuple[str, ...] = ("auto", "png", "jpg")
+#: file name suffixes that ``gapcam localize`` reads as videos (``gapcam.clips``, PyAV); folder
+#: and glob expansion picks them up next to ``gapcam.images.IMAGE_SUFFIXES``
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".ogv"}
+)
 #: annotation layouts ``gapcam evaluate`` reads (``gapcam.eval.datasets``)
 DATASET_LAYOUTS: tuple[str, ...] = ("auto", "wsol", "voc", "csv")
 #: what ``gapcam train`` trains (``gapcam.train.finetune``)

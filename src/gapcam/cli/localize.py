@@ -6,22 +6,24 @@ A bad input is reported (one line naming the file) and counted; the rest of the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from gapcam.cli import options
 from gapcam.console import safe_text
 from gapcam.errors import GapcamError
-from gapcam.types import OVERLAY_FORMATS
+from gapcam.types import OVERLAY_FORMATS, VIDEO_SUFFIXES
 
 if TYPE_CHECKING:
     from gapcam.batch import Outputs
     from gapcam.localizer import Localizer
+    from gapcam.outputs import JsonStream, OutputGuard
     from gapcam.result import Result
 
 #: progress bars only for runs of more inputs than this
@@ -138,10 +140,43 @@ def add(commands: Any) -> None:
         f"{DEFAULT_BUDGET}); a larger image waits for the ones before it, and runs alone",
     )
     p.add_argument(
+        "--fps",
+        type=positive_float,
+        metavar="F",
+        help="videos: analyse at most F frames a second (default: every frame); the others "
+        "carry the latest map",
+    )
+    p.add_argument(
+        "--smooth",
+        type=seconds,
+        metavar="SECONDS",
+        help="videos: half-life of the moving average of maps and scores over time "
+        "(default: 0.08; 0: none)",
+    )
+    p.add_argument(
+        "--sampled-only",
+        action="store_true",
+        help="videos: write only the analysed frames (with --fps), not every source frame",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs (never inputs)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
     p.set_defaults(handler=run)
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not a positive number")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not 0 or more seconds")
+    return value
 
 
 def memory_size(text: str) -> int:
@@ -185,6 +220,10 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--streams {args.streams}: only the onnx backend runs streams (drop --streams, "
             "or use --backend onnx in float32)"
         )
+    if args.sampled_only and args.fps is None:
+        refused.append("--sampled-only: only with --fps (without it every frame is analysed)")
+    if args.sampled_only and args.no_overlay:
+        refused.append("--sampled-only: not with --no-overlay (it chooses the frames written)")
     if args.engine == "ray":
         for name, flag in (
             ("json", "--json"),
@@ -194,6 +233,13 @@ def check_flags(args: argparse.Namespace) -> None:
         ):
             if getattr(args, name):
                 refused.append(f"{flag}: not with --engine ray (it writes Parquet rows to --out)")
+        for name, flag in (
+            ("fps", "--fps"),
+            ("smooth", "--smooth"),
+            ("sampled_only", "--sampled-only"),
+        ):
+            if getattr(args, name) is not None and getattr(args, name) is not False:
+                refused.append(f"{flag}: not with --engine ray (videos run on the local engine)")
     if refused:
         raise GapcamError(refused[0])
     args.top_k = args.top_k or 1
@@ -223,10 +269,12 @@ def _run_local(args: argparse.Namespace) -> int:
     from gapcam.overlay import colormap_lut
 
     # the output folder is skipped inside input folders: a second run never reads the first's
-    found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)])
+    suffixes = images.IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)], suffixes=suffixes)
     found = found[: args.limit] if args.limit else found
+    check_video_flags(args, found)
     human: TextIO = sys.stderr if args.json == "-" else sys.stdout
-    localizer = _localizer(args, [path for path, _ in found])
+    localizer = _localizer(args, [path for path, _ in found if not is_video(path)])
     if args.classes:
         localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
     if not args.no_overlay:
@@ -249,7 +297,8 @@ def _run_local(args: argparse.Namespace) -> int:
         sink = JsonStream(args.json, head, guard) if args.json else None
         for message in problems:
             print(error_line(message, args.flags), file=sys.stderr)
-        progress = progress_bar(len(found), quiet=args.quiet, after=PROGRESS_AFTER)
+        pictures = sum(1 for path, _ in found if not is_video(path))
+        progress = progress_bar(pictures, quiet=args.quiet, after=PROGRESS_AFTER)
 
         def on_result(result: Result, document: dict[str, Any]) -> None:
             nonlocal done
@@ -265,22 +314,41 @@ def _run_local(args: argparse.Namespace) -> int:
             failed.append((name, options.flag_message(message, args.flags)))
             print(error_line(message, args.flags), file=sys.stderr)
 
+        def on_video_error(name: str, message: str) -> None:
+            failed.append((name, options.flag_message(message, args.flags)))
+            print(error_line(message, args.flags), file=sys.stderr)
+
         targets = batch.unique_targets([relative for _, relative in found])
-        batch.localize_files(
-            localizer,
-            list(zip(found, targets, strict=True)),
-            outputs,
-            guard,
-            on_result=on_result,
-            on_error=on_error,
-            classes=args.classes,
-            top_k=args.top_k,
-            predictions=max(5, args.top_k),
-            max_pixels=args.max_pixels,
-            workers=args.workers,
-            batch_size=args.batch_size,
-            memory_budget=args.memory_budget,
-        )
+        # consecutive images go through the image pipeline together, each video on its own,
+        # so that the results keep the input order
+        items = list(zip(found, targets, strict=True))
+        start = 0
+        while start < len(items):
+            (path, _), target = items[start]
+            if is_video(path):
+                if _run_video(args, localizer, path, target, guard, sink, on_video_error, human):
+                    done += 1
+                start += 1
+                continue
+            end = start
+            while end < len(items) and not is_video(items[end][0][0]):
+                end += 1
+            batch.localize_files(
+                localizer,
+                items[start:end],
+                outputs,
+                guard,
+                on_result=on_result,
+                on_error=on_error,
+                classes=args.classes,
+                top_k=args.top_k,
+                predictions=max(5, args.top_k),
+                max_pixels=args.max_pixels,
+                workers=args.workers,
+                batch_size=args.batch_size,
+                memory_budget=args.memory_budget,
+            )
+            start = end
         if sink is not None:
             sink.close([{"input": name, "error": message} for name, message in failed])
     finally:
@@ -291,6 +359,99 @@ def _run_local(args: argparse.Namespace) -> int:
     total = done + len(failed)
     print(f"gapcam: {done} of {total} inputs done, {len(failed)} failed", file=sys.stderr)
     return 0 if not failed else 1
+
+
+def is_video(path: Path) -> bool:
+    """Whether ``gapcam localize`` reads ``path`` as a video (by its suffix)."""
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def check_video_flags(args: argparse.Namespace, found: list[tuple[Path, Path]]) -> None:
+    """The video flags are refused, in one line, when no input is a video."""
+    given = [
+        flag
+        for name, flag in (
+            ("fps", "--fps"),
+            ("smooth", "--smooth"),
+            ("sampled_only", "--sampled-only"),
+        )
+        if getattr(args, name) is not None and getattr(args, name) is not False
+    ]
+    if given and not any(is_video(path) for path, _ in found):
+        raise GapcamError(
+            f"{', '.join(given)}: for videos, and no input is one "
+            f"({', '.join(sorted(VIDEO_SUFFIXES))})"
+        )
+
+
+def _run_video(
+    args: argparse.Namespace,
+    localizer: Localizer,
+    path: Path,
+    stem: Path,
+    guard: OutputGuard,
+    sink: JsonStream | None,
+    on_error: Callable[[str, str], None],
+    human: TextIO,
+) -> bool:
+    """One video of the batch: its overlay video, its --json entry; False when it failed
+    (``on_error`` was told)."""
+    import tempfile
+
+    from gapcam.console import progress_bar
+    from gapcam.pipeline import default_workers
+
+    target = None if args.no_overlay else Path(args.out) / stem.with_name(f"{stem.name}.cam.mp4")
+    bars: dict[str, Any] = {}
+
+    def on_frames(stage: str, count: int, total: int) -> None:
+        if stage not in bars:  # a bar per pass: "scan" (choosing the class), "write"
+            for bar in bars.values():
+                bar.close()
+            bars[stage] = progress_bar(
+                total or None,
+                f"{stage} {safe_text(path.name, 40)}",
+                quiet=args.quiet,
+                unit="frame",
+            )
+        bars[stage].update(count)
+
+    try:
+        from gapcam import video
+
+        with tempfile.TemporaryFile(prefix="gapcam-frames-") as spill:
+            _, document = video.localize_video(
+                localizer,
+                path,
+                target,
+                guard,
+                spill,
+                alpha=args.alpha,
+                cmap=args.cmap,
+                workers=args.workers if args.workers is not None else default_workers(),
+                classes=args.classes,
+                top_k=args.top_k,
+                fps=args.fps,
+                smooth=video.DEFAULT_SMOOTH if args.smooth is None else args.smooth,
+                sampled_only=args.sampled_only,
+                predictions=max(5, args.top_k),
+                batch_size=args.batch_size or 8,
+                memory_budget=args.memory_budget,
+                on_frames=on_frames,
+            )
+            if args.save_cam:
+                document["notes"].append("--save-cam: maps are not saved for videos")
+            if sink is not None:
+                sink.add(document, items=video.spilled_entries(spill))
+    except GapcamError as exc:
+        on_error(str(path), str(exc))
+        return False
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if not args.quiet:
+        print_video(document, human)
+    return True
 
 
 def _outputs(args: argparse.Namespace) -> Outputs:
@@ -336,6 +497,7 @@ def _run_ray(args: argparse.Namespace) -> int:
             "can read), the images each actor calibrates on"
         )
     Localizer.check_options(settings)  # the actors would fail alike, after Ray has started
+    refuse_videos(args.inputs)
     run = ray_engine.run(
         args.inputs,
         settings,
@@ -358,6 +520,21 @@ def _run_ray(args: argparse.Namespace) -> int:
     lines += [f"note: {note}" for note in run.notes]
     print("gapcam: " + "\n".join(lines), file=sys.stderr)
     return 0 if not failed else 1
+
+
+def refuse_videos(arguments: list[str]) -> None:
+    """``--engine ray`` runs images only: a video among the inputs (given, or inside a folder
+    or glob) stops the run, in one line, before Ray starts (README "Video")."""
+    from gapcam.images import IMAGE_SUFFIXES, expand_inputs
+
+    found, _ = expand_inputs(arguments, suffixes=IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+    videos = [path for path, _ in found if is_video(path)]
+    if videos:
+        more = f" (and {len(videos) - 1} more)" if len(videos) > 1 else ""
+        raise GapcamError(
+            f"{videos[0]}{more}: a video; --engine ray runs images only, "
+            "run videos with the local engine (leave out --engine ray)"
+        )
 
 
 def print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:
@@ -384,4 +561,21 @@ def print_result(result: Result, document: dict[str, Any], out: TextIO) -> None:
     for key in ("overlay", "cam_npy"):
         if key in document:
             lines.append(f"  {key.replace('_', ' ')}: {safe_text(document[key], PATH_LIMIT)}")
+    print("\n".join(lines), file=out)
+
+
+def print_video(document: dict[str, Any], out: TextIO) -> None:
+    """What one video got, a few lines; names escaped (``safe_text``)."""
+    lines = [
+        f"{safe_text(document['input'], PATH_LIMIT)}  ({document['width']}x{document['height']}, "
+        f"{document['frame_count']} frames, {document['analysed']} analysed)"
+    ]
+    lines += [
+        f"  {c['mean_probability']:7.2%}  {safe_text(c['name'])} [{c['index']}] "
+        "(mean over the clip)"
+        for c in document["classes"]
+    ]
+    lines += [f"  note: {safe_text(note)}" for note in document["notes"]]
+    if "overlay" in document:
+        lines.append(f"  overlay: {safe_text(document['overlay'], PATH_LIMIT)}")
     print("\n".join(lines), file=out)

@@ -118,12 +118,18 @@ def encoding(folder: Path) -> None:
         )
 
 
-def memory(folder: Path, common: list[str]) -> None:
+def memory(
+    folder: Path,
+    common: list[str],
+    size: tuple[int, int] = (320, 240),
+    lengths: tuple[float, float] = (1, 10),
+) -> None:
     rss = {}
-    for minutes in (1, 10):
+    width, height = size
+    for minutes in lengths:
         clip = folder / f"long-{minutes}.mp4"
-        frames = videoclips.cat_frames((320, 240), 1, scale=0.35)
-        count = minutes * 60 * 10  # 10 frames a second
+        frames = videoclips.cat_frames(size, 1, scale=0.35 * height / 240)
+        count = round(minutes * 60 * 10)  # 10 frames a second
         noise = np.random.default_rng(0)
         images = [
             np.clip(frames[0] + noise.normal(0, 4, frames[0].shape), 0, 255).astype(np.uint8)
@@ -133,10 +139,11 @@ def memory(folder: Path, common: list[str]) -> None:
         seconds, rss[minutes], _ = cli(
             "localize", str(clip), "--out", str(folder / f"m{minutes}"), "--fps", "2", *common
         )
-        print(f"  {minutes:2d}-minute clip ({count} frames of 320x240, --fps 2): peak RSS "
-              f"{rss[minutes]} MB, {seconds:.1f} s")  # fmt: skip
-    change = rss[10] / rss[1] - 1
-    print(f"  10 minutes against 1 minute: {change:+.1%} (must be within 10%)")
+        print(f"  {minutes:g}-minute clip ({count} frames of {width}x{height}, --fps 2): peak "
+              f"RSS {rss[minutes]} MB, {seconds:.1f} s")  # fmt: skip
+    short, long = lengths
+    change = rss[long] / rss[short] - 1
+    print(f"  {long:g} minutes against {short:g}: {change:+.1%} (must be within 10%)")
 
 
 def main() -> None:
@@ -144,17 +151,26 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--backend", default="eager")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory figures")
+    parser.add_argument(
+        "--memory-size", default="320x240", help="frame size of the memory clips (WxH)"
+    )
+    parser.add_argument(
+        "--memory-minutes", type=float, nargs=2, default=(1, 10), metavar=("SHORT", "LONG")
+    )
     args = parser.parse_args()
+    size = tuple(int(n) for n in args.memory_size.lower().split("x"))
     common = ["--backend", args.backend, "-q"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")  # fmt: skip
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
-        throughput(folder, args.frames, common)
-        encoding(folder)
+        if not args.memory_only:
+            throughput(folder, args.frames, common)
+            encoding(folder)
         if not args.skip_memory:
             print("peak memory:")
-            memory(folder, common)
+            memory(folder, common, (size[0], size[1]), tuple(args.memory_minutes))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from gapcam import video
 from gapcam.boxes import box_iou
 from gapcam.errors import GapcamError, VideoError
 from gapcam.localizer import Localizer
-from gapcam.outputs import JsonStream, OutputGuard, encode_json
+from gapcam.outputs import JsonStream, OutputGuard, encode_image, encode_json
 from gapcam.schema import localize_schema
 
 CLI = (sys.executable, "-m", "gapcam")
@@ -278,6 +278,52 @@ def test_a_frame_shows_itself_in_a_notebook(
     strip = video.strip(frames, 4)
     assert strip.width <= 1200
     assert strip.height > 50
+
+    clip = localizer.video(path, fps=2)
+    assert repr(clip).startswith(f"VideoFrames({str(path)!r}, ")
+    shown_strip = clip._repr_png_()  # a run of its own: the iterator is left whole
+    assert shown_strip is not None
+    assert shown_strip == encode_image(video.strip(frames), "png")
+    assert [f.index for f in clip] == [f.index for f in frames]
+    with path.open("rb") as handle:
+        assert localizer.video(handle, fps=2)._repr_png_() is None
+
+
+def test_a_strip_holds_a_bounded_number_of_frames() -> None:
+    """Frames evenly spread over a long iterable, never more than 2 x count held."""
+    held: list[int] = []
+
+    drawn: list[int] = []
+
+    class Drawn:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def figure(self) -> Image.Image:
+            drawn.append(self.index)
+            return Image.new("RGB", (200, 120), "gray")
+
+    class Counted:
+        def __init__(self, index: int) -> None:
+            self.index, self.time = index, index / 10
+            held.append(1)
+            self.result = Drawn(index)
+
+        def __del__(self) -> None:
+            held.pop()
+
+    most = 0
+
+    def frames() -> Iterator[Counted]:
+        nonlocal most
+        for index in range(1000):
+            yield Counted(index)
+            most = max(most, len(held))
+
+    shown = video.strip(frames(), 5, width=500)  # type: ignore[arg-type]
+    assert most <= 2 * 5 + 1
+    assert shown.width == 500
+    assert drawn == [0, 256, 512, 640, 896]  # first, last kept (every 128th), evenly between
 
 
 def test_options_are_checked(

@@ -160,6 +160,11 @@ class VideoFrames(Iterator[FrameResult]):
         on_frames: Callable[[str, int, int], None] | None = None,
     ) -> None:
         check_options(fps, smooth)
+        self._options: dict[str, Any] = {
+            "classes": classes, "top_k": top_k, "fps": fps, "smooth": smooth,
+            "sampled_only": sampled_only, "predictions": predictions, "batch_size": batch_size,
+            "memory_budget": memory_budget, "name": name,
+        }  # fmt: skip
         self.localizer = localizer
         self.source = source
         self.label = name or (str(source) if isinstance(source, (str, Path)) else "<video>")
@@ -178,6 +183,24 @@ class VideoFrames(Iterator[FrameResult]):
 
     def __next__(self) -> FrameResult:
         return next(self._frames)
+
+    def __repr__(self) -> str:
+        info = self.info
+        rate = f", {info.rate:.3g} fps" if info.rate else ""
+        count = f", {info.frames} frames" if info.frames else ""
+        return f"VideoFrames({self.label!r}, {info.width}x{info.height}{count}{rate})"
+
+    def _repr_png_(self) -> bytes | None:
+        """In a notebook, a clip shows itself as a strip of five frames (``strip``) from a run
+        of its own over the same file with the same settings, so this iterator is left as it
+        was. A clip given as a file object shows as text (it cannot be read twice safely)."""
+        if not isinstance(self.source, (str, Path)):
+            return None
+        again = VideoFrames(self.localizer, self.source, **self._options)
+        try:
+            return encode_image(strip(again), "png")
+        finally:
+            again.close()
 
     def close(self) -> None:
         self._frames.close()
@@ -613,15 +636,23 @@ def write_frames(
 
 
 def strip(frames: Iterable[FrameResult], count: int = 5, *, width: int = 1200) -> Image.Image:
-    """``count`` frames evenly spread over ``frames`` (analysed ones), side by side, each with
-    its overlay and time: the picture of a clip in a notebook or a README."""
+    """``count`` frames evenly spread over ``frames`` (any iterable, a long clip's lazy
+    ``VideoFrames`` included: at most ``2 * count`` frames are held at once), side by side, each
+    with its overlay and time: the picture of a clip in a notebook or a README."""
     from gapcam.overlay import add_caption, grid
 
-    chosen = list(frames)
-    if not chosen:
+    count = max(1, count)
+    kept: list[FrameResult] = []
+    step = 1
+    for seen, frame in enumerate(frames):
+        if seen % step == 0:
+            kept.append(frame)
+            if len(kept) == 2 * count:  # keep every other one, and take every 2 * step-th
+                kept, step = kept[::2], step * 2
+    if not kept:
         raise VideoError("strip: no frames")
-    step = max(1, len(chosen) // count)
-    picked = chosen[::step][:count]
+    shown, last = min(count, len(kept)), len(kept) - 1  # the first, the last, evenly between
+    picked = [kept[round(i * last / max(1, shown - 1))] for i in range(shown)]
     panels = [add_caption(f.result.figure(), f"t = {f.time:.2f} s") for f in picked]
     figure = grid(panels, columns=len(panels))
     if figure.width > width:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -66,16 +67,21 @@ def write_clip(
         if sound is not None:
             count = int(16000 * len(frames) / rate)
             tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(count) / 16000)).astype(np.float32)
-            for start in range(0, count, 1024):
-                chunk = av.AudioFrame.from_ndarray(
-                    tone[None, start : start + 1024], format="fltp", layout="mono"
-                )
-                chunk.sample_rate, chunk.pts = 16000, start
-                for packet in sound.encode(chunk):
-                    out.mux(packet)
-            for packet in sound.encode():
-                out.mux(packet)
+            _mux_sound(out, sound, tone)
     return path
+
+
+def _mux_sound(out: Any, sound: Any, samples: np.ndarray) -> None:
+    """``samples`` (mono float32 at 16 kHz) encoded on ``sound`` and muxed into ``out``."""
+    for start in range(0, len(samples), 1024):
+        chunk = av.AudioFrame.from_ndarray(
+            samples[None, start : start + 1024], format="fltp", layout="mono"
+        )
+        chunk.sample_rate, chunk.pts = 16000, start
+        for packet in sound.encode(chunk):
+            out.mux(packet)
+    for packet in sound.encode():
+        out.mux(packet)
 
 
 def moving_cat(
@@ -128,14 +134,7 @@ def audio_only(path: Path) -> Path:
     with av.open(str(path), "w", format="mp4") as out:
         sound = out.add_stream("aac", rate=16000)
         sound.layout = "mono"
-        tone = np.zeros((1, 1024), np.float32)
-        for start in range(0, 16000, 1024):
-            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 16000, start
-            for packet in sound.encode(chunk):
-                out.mux(packet)
-        for packet in sound.encode():
-            out.mux(packet)
+        _mux_sound(out, sound, np.zeros(16 * 1024, np.float32))  # about a second of silence
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +122,43 @@ def test_the_documented_command_runs_on_both_nodes_and_equals_the_local_engine(
     assert len(said) == 2
     counts = sorted(per_node.values())
     print(f"two-node cluster, {where}: {seconds:.1f} s for 48 images, rows per node {counts}")
+
+
+def test_ctrl_c_stops_the_driver_task_on_the_cluster_too(
+    cluster: Cluster, photos: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C on the machine that typed the command cancels the job on the head node: exit 130,
+    no OUT, no staging folder, and no actor left working on the cluster."""
+    out = tmp_path / "out"
+    args = [str(photos), "--out", str(out), "--ray-address", cluster.address]
+    command = [sys.executable, "-m", "gapcam", "localize", "--engine", "ray", *args]
+    command += ["--backend", "eager", "--batch-size", "1"]
+    run = subprocess.Popen(
+        command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_overlays(tmp_path, 4, run)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "gapcam: interrupted"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _actors(cluster):
+        time.sleep(0.5)
+    assert not _actors(cluster)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _actors(cluster: Cluster) -> list[int]:
+    """The cluster's Ray Data actor processes (their title names the map)."""
+    found = []
+    for pid in cluster.processes():
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # it ended meanwhile
+            continue
+        if b"MapWorker" in title:
+            found.append(pid)
+    return found
 
 
 def test_a_worker_node_killed_mid_run_costs_no_rows(

@@ -395,8 +395,13 @@ def _run_through_client(
     task = ray.remote(run_on_cluster).options(
         num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_retries=0
     )
+    running = task.remote(job, staging_name)
     try:
-        answer = ray.get(task.remote(job, staging_name))
+        answer = ray.get(running)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the driver task stops too (its own
+        ray.cancel(running)  # clean-up removes the staging folder on the cluster)
+        shutil.rmtree(out.parent / staging_name, ignore_errors=True)
+        raise
     except Exception as exc:  # the cluster, or the connection to it, went away
         shutil.rmtree(out.parent / staging_name, ignore_errors=True)
         raise GapcamError(

@@ -153,7 +153,9 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the stop
         stop(cluster)
+        print("both nodes stopped")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,10 @@ class LocalizeActor:
         fmt = outputs.format_for(result)
         target = Path(folder) / f"{Path(path).stem}-{digest}.cam.{fmt}"
         figure = result.figure(alpha=outputs.alpha, cmap=outputs.cmap)
-        atomic_write(target, encode_image(figure, fmt), overwrite=True)
+        data = encode_image(figure, fmt)
+        if not target.parent.is_dir():  # a cancelled run removed it: never made again here
+            raise GapcamError(f"{target.parent}: gone (the run was cancelled)")
+        atomic_write(target, data, overwrite=True)
         return str(Path(self.options["final_out"]) / "overlays" / target.name)
 
 
@@ -324,6 +327,8 @@ def _drive(
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        if outputs.overlay:
+            (staging / "overlays").mkdir()  # made here only: the actors never make it
         options = {
             "localizer": job["localizer"],
             "classes": job["classes"],
@@ -398,8 +403,9 @@ def _run_through_client(
     running = task.remote(job, staging_name)
     try:
         answer = ray.get(running)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the driver task stops too (its own
-        ray.cancel(running)  # clean-up removes the staging folder on the cluster)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the driver task stops too; its own
+        ray.cancel(running)  # clean-up stops the actors and removes the staging folder
+        ray.wait([running], timeout=CANCEL_WAIT)
         shutil.rmtree(out.parent / staging_name, ignore_errors=True)
         raise
     except Exception as exc:  # the cluster, or the connection to it, went away
@@ -422,6 +428,9 @@ def _run_through_client(
         result = replace(result, notes=(*result.notes, note))
     return result
 
+
+#: seconds a cancelled ``ray://`` run waits for the driver task's clean-up on the cluster
+CANCEL_WAIT = 30
 
 #: the resource only the head node has: where the ``ray://`` driver task runs
 HEAD_RESOURCE = "node:__internal_head__"

@@ -172,21 +172,16 @@ def test_int8_on_ray_needs_named_calibration(
     assert "--calibration IMAGES" in capsys.readouterr().err
 
 
+def localize_cat_int8(tmp_path: Path, calibration: str) -> int:
+    """``gapcam localize cat.png --precision int8 --calibration CALIBRATION``, its exit code."""
+    args = [str(EXAMPLES / "cat.png"), "--precision", "int8", "--calibration", calibration]
+    return main(["localize", *args, "--out", str(tmp_path / "o")])
+
+
 def test_a_calibration_path_that_matches_nothing_stops_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "localize",
-            str(EXAMPLES / "cat.png"),
-            "--precision",
-            "int8",
-            "--calibration",
-            str(tmp_path / "nothing-*.jpg"),
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    code = localize_cat_int8(tmp_path, str(tmp_path / "nothing-*.jpg"))
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("gapcam: error: --calibration: ")
@@ -199,18 +194,7 @@ def test_a_bad_calibration_image_is_named_on_one_escaped_line(
     folder = tmp_path / "cal"
     folder.mkdir()
     (folder / "bad\nname\x1b[31m.jpg").write_bytes(b"not a jpeg")
-    code = main(
-        [
-            "localize",
-            str(EXAMPLES / "cat.png"),
-            "--precision",
-            "int8",
-            "--calibration",
-            str(folder),
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
+    code = localize_cat_int8(tmp_path, str(folder))
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("gapcam: error: --calibration image ")

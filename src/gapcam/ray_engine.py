@@ -232,6 +232,13 @@ def check_checkpoint(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {**settings, "checkpoint": str(Path(checkpoint).resolve())}
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """``OutputError`` when OUT exists and may not be replaced: where the command runs, before
+    Ray starts, and again in the driver (the cluster may see a folder this machine does not)."""
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+
+
 @dataclass(frozen=True)
 class RayRun:
     """What a Ray run did: inputs done and failed, the OUT folder, rows per node (a label
@@ -285,10 +292,7 @@ def run(
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith("ray://"):
         return _run_through_client(address, job, quiet=quiet, on_error=on_error)
-    if outputs.folder.exists() and not overwrite:  # before Ray starts
-        raise OutputError(
-            f"{outputs.folder}: already exists; pass overwrite=True or choose another out="
-        )
+    check_out(outputs.folder, overwrite)  # before Ray starts
     settings = check_checkpoint(localizer)  # a bad checkpoint fails here, before Ray starts
     if not ray.is_initialized():
         level = logging.WARNING if quiet else logging.INFO
@@ -309,8 +313,7 @@ def _drive(
 
     outputs: Outputs = job["outputs"]
     out = outputs.folder
-    if out.exists() and not job["overwrite"]:
-        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+    check_out(out, job["overwrite"])
     paths, problems = list_sources(job["inputs"])
     paths = paths[: job["limit"]] if job["limit"] else paths
     for message in problems:
@@ -379,8 +382,7 @@ def _run_through_client(
 
     job = _absolute_paths(job)
     out: Path = job["outputs"].folder
-    if out.exists() and not job["overwrite"]:  # when OUT is visible here too: before connecting
-        raise OutputError(f"{out}: already exists; pass overwrite=True or choose another out=")
+    check_out(out, job["overwrite"])  # when OUT is visible here too: before connecting
     try:
         # the client's own warnings and logs are not the user's: failures are raised
         with warnings.catch_warnings():

@@ -6,7 +6,7 @@ A bad input is reported (one line naming the file) and counted; the rest of the 
 from __future__ import annotations
 
 import argparse
-import math
+import itertools
 import os
 import re
 import sys
@@ -141,14 +141,14 @@ def add(commands: Any) -> None:
     )
     p.add_argument(
         "--fps",
-        type=positive_float,
+        type=options.positive_float,
         metavar="F",
         help="videos: analyse at most F frames a second (default: every frame); the others "
         "carry the latest map",
     )
     p.add_argument(
         "--smooth",
-        type=seconds,
+        type=options.seconds,
         metavar="SECONDS",
         help="videos: half-life of the moving average of maps and scores over time "
         "(default: 0.08; 0: none)",
@@ -163,20 +163,6 @@ def add(commands: Any) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
     p.set_defaults(handler=run)
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not a positive number")
-    return value
-
-
-def seconds(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not 0 or more seconds")
-    return value
 
 
 def memory_size(text: str) -> int:
@@ -233,13 +219,8 @@ def check_flags(args: argparse.Namespace) -> None:
         ):
             if getattr(args, name):
                 refused.append(f"{flag}: not with --engine ray (it writes Parquet rows to --out)")
-        for name, flag in (
-            ("fps", "--fps"),
-            ("smooth", "--smooth"),
-            ("sampled_only", "--sampled-only"),
-        ):
-            if getattr(args, name) is not None and getattr(args, name) is not False:
-                refused.append(f"{flag}: not with --engine ray (videos run on the local engine)")
+        for flag in video_flags(args):
+            refused.append(f"{flag}: not with --engine ray (videos run on the local engine)")
     if refused:
         raise GapcamError(refused[0])
     args.top_k = args.top_k or 1
@@ -309,33 +290,29 @@ def _run_local(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print_result(result, document, human)
 
-        def on_error(name: str, message: str) -> None:
-            progress.update(1)
-            failed.append((name, options.flag_message(message, args.flags)))
-            print(error_line(message, args.flags), file=sys.stderr)
-
         def on_video_error(name: str, message: str) -> None:
             failed.append((name, options.flag_message(message, args.flags)))
             print(error_line(message, args.flags), file=sys.stderr)
 
+        def on_error(name: str, message: str) -> None:  # an image: counted by the bar too
+            progress.update(1)
+            on_video_error(name, message)
+
         targets = batch.unique_targets([relative for _, relative in found])
         # consecutive images go through the image pipeline together, each video on its own,
         # so that the results keep the input order
-        items = list(zip(found, targets, strict=True))
-        start = 0
-        while start < len(items):
-            (path, _), target = items[start]
-            if is_video(path):
-                if _run_video(args, localizer, path, target, guard, sink, on_video_error, human):
-                    done += 1
-                start += 1
+        items = zip(found, targets, strict=True)
+        for videos, group in itertools.groupby(items, key=lambda item: is_video(item[0][0])):
+            if videos:
+                for (path, _), target in group:
+                    if _run_video(
+                        args, localizer, path, target, guard, sink, on_video_error, human
+                    ):
+                        done += 1
                 continue
-            end = start
-            while end < len(items) and not is_video(items[end][0][0]):
-                end += 1
             batch.localize_files(
                 localizer,
-                items[start:end],
+                list(group),
                 outputs,
                 guard,
                 on_result=on_result,
@@ -348,7 +325,6 @@ def _run_local(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 memory_budget=args.memory_budget,
             )
-            start = end
         if sink is not None:
             sink.close([{"input": name, "error": message} for name, message in failed])
     finally:
@@ -366,17 +342,15 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
+def video_flags(args: argparse.Namespace) -> list[str]:
+    """The video flags given (``--fps``, ``--smooth``, ``--sampled-only``), as typed."""
+    values = (("--fps", args.fps), ("--smooth", args.smooth), ("--sampled-only", args.sampled_only))
+    return [flag for flag, value in values if value is not None and value is not False]
+
+
 def check_video_flags(args: argparse.Namespace, found: list[tuple[Path, Path]]) -> None:
     """The video flags are refused, in one line, when no input is a video."""
-    given = [
-        flag
-        for name, flag in (
-            ("fps", "--fps"),
-            ("smooth", "--smooth"),
-            ("sampled_only", "--sampled-only"),
-        )
-        if getattr(args, name) is not None and getattr(args, name) is not False
-    ]
+    given = video_flags(args)
     if given and not any(is_video(path) for path, _ in found):
         raise GapcamError(
             f"{', '.join(given)}: for videos, and no input is one "

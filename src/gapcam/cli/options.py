@@ -9,6 +9,7 @@ turns them back into the flags a user typed (``--precision float16``) in its err
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -43,6 +44,20 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not a positive number")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{safe_text(text, 40)} is not 0 or more seconds")
     return value
 
 

@@ -95,12 +95,19 @@ async function localize(blob, name) {
     return;
   }
   const id = ++state.request;
+  const form = new FormData();
+  form.append(state.api.field, blob, name);
+  const params = new URLSearchParams({
+    threshold: $("threshold").value, map_size: MAP_SIZE, preview: PREVIEW_SIZE,
+  });
+  const endpoint = state.api.ops.localize;
   $("status").textContent = `Computing ${name}…`;
   $("canvas").dataset.state = "loading";
   let response;
   let body;
   try {
-    ({ response, body } = await postLocalize(blob, name, MAP_SIZE, PREVIEW_SIZE));
+    response = await fetch(`${endpoint.path}?${params}`, { method: endpoint.method, body: form });
+    body = await response.json();
   } catch (error) {
     if (id === state.request) {
       resetView("error");
@@ -120,20 +127,6 @@ async function localize(blob, name) {
     resetView("error");
     showError(`${name}: ${error.message}`);
   }
-}
-
-// One image to the API's localize operation (the image mode's uploads and the camera's frames),
-// at the threshold shown; resolves to the response and its JSON body, rejects when the server
-// gave no usable answer.
-async function postLocalize(blob, name, mapSize, preview) {
-  const endpoint = state.api.ops.localize;
-  const form = new FormData();
-  form.append(state.api.field, blob, name);
-  const params = new URLSearchParams({
-    threshold: $("threshold").value, map_size: mapSize, preview,
-  });
-  const response = await fetch(`${endpoint.path}?${params}`, { method: endpoint.method, body: form });
-  return { response, body: await response.json() };
 }
 
 async function show(body, id) {
@@ -621,6 +614,7 @@ function grabFrame() {
 }
 
 async function cameraLoop(session) {
+  const endpoint = state.api.ops.localize;
   let sent = -1; // the number of the frame sent last
   while (session === camera.session) {
     await newFrame(sent);
@@ -632,10 +626,16 @@ async function cameraLoop(session) {
       await sleep(50);
       continue;
     }
+    const form = new FormData();
+    form.append(state.api.field, blob, "camera.jpg");
+    const params = new URLSearchParams({
+      threshold: $("threshold").value, map_size: CAMERA_MAP_SIZE, preview: 0,
+    });
     let response;
     let body;
     try {
-      ({ response, body } = await postLocalize(blob, "camera.jpg", CAMERA_MAP_SIZE, 0));
+      response = await fetch(`${endpoint.path}?${params}`, { method: endpoint.method, body: form });
+      body = await response.json();
     } catch (error) {
       if (session === camera.session) {
         stopCamera(`No usable answer from the server (${error.message}); camera stopped.`);

@@ -105,6 +105,37 @@ def test_tensorflow_padding_is_exported_as_constants(lite0: GapModel) -> None:
     assert backends.static_padding(resnet, (224, 224)) is resnet.module  # nothing to do
 
 
+@pytest.mark.parametrize("size", [(224, 224), (256, 192)])
+def test_uneven_tensorflow_padding_is_part_of_the_convolutions(
+    lite0: GapModel, size: tuple[int, int]
+) -> None:
+    """A stride-2 "same" convolution of an even side pads one more pixel at the end. The
+    export puts that padding in the ONNX Conv's own ``pads`` (uneven), with no Pad node: ONNX
+    Runtime would copy the activation for a Pad, outside its blocked layout, and in float32
+    inside an int8 graph (docs/speed.md). The graph computes what the module computes."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    data = backends.export_features(lite0, size)
+    graph = onnx.load_from_string(data).graph
+    assert not [n for n in graph.node if n.op_type == "Pad"]
+    pads = [
+        list(a.ints)
+        for n in graph.node
+        if n.op_type == "Conv"
+        for a in n.attribute
+        if a.name == "pads"
+    ]
+    uneven = [p for p in pads if p[:2] != p[2:]]
+    assert len(uneven) == 5  # Lite0's stride-2 convolutions
+    assert all(p[2] == p[0] + 1 and p[3] == p[1] + 1 for p in uneven)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.numpy()})
+    with gapcam.models.inference_state(lite0.module):
+        expected = lite0.features(x)
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_int8_is_refused_where_it_cannot_run_or_pay(
     lite0: GapModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,7 @@ from gapcam.types import BACKENDS, PRECISIONS
 OPSET = 17
 
 #: the first line of the weights digest in the cache key (``models.base.weights_digest``)
-DIGEST_KIND = "gapcam.onnx/2"  # 2: constant TF padding (static_padding)
+DIGEST_KIND = "gapcam.onnx/3"  # 2: constant TF padding (static_padding); 3: no Pad nodes
 
 #: ORT's intra-op threads busy-wait between runs when "1"
 SPINNING = "0"
@@ -274,8 +274,13 @@ def static_padding(model: GapModel, size: tuple[int, int]) -> nn.Module:
 
 
 def _constant_padding(layer: Any, size: tuple[int, int]) -> Any:
-    """``layer``'s forward with its TF "same" padding for inputs of ``size`` as constants."""
-    import torch.nn.functional as F
+    """``layer``'s forward with its TF "same" padding for inputs of ``size`` as constants.
+    Uneven padding (a stride-2 convolution of an even side pads one more at the end) exports
+    as one ONNX ``Conv`` with uneven ``pads`` (``_UnevenConv``), not a ``Pad`` node before it:
+    ONNX Runtime runs a ``Pad`` as a copy of the whole activation, outside its blocked layout
+    (with a layout change on each side) and, in an int8 graph, in float32 between a
+    dequantization and a quantization; the five of EfficientNet-Lite0 took 30% of its float32
+    forward pass and half of its int8 one (measured in docs/speed.md)."""
     from timm.layers.padding import get_same_padding  # the layer's own rule (timm's pad_same)
 
     pads = []
@@ -286,13 +291,53 @@ def _constant_padding(layer: Any, size: tuple[int, int]) -> Any:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if top == bottom and left == right:  # one convolution with its own padding
-            return F.conv2d(
+            return torch.nn.functional.conv2d(
                 x, layer.weight, layer.bias, layer.stride, (top, left), layer.dilation, layer.groups
             )
-        x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+        conv = (tuple(layer.stride), tuple(layer.dilation), layer.groups)
+        return _UnevenConv.apply(x, layer.weight, layer.bias, conv, (top, left, bottom, right))
 
     return forward
+
+
+class _UnevenConv(torch.autograd.Function):
+    """A convolution with uneven zero padding ``(top, left, bottom, right)``: ``F.pad`` then
+    ``F.conv2d`` when run, one ``Conv`` node with those ``pads`` when exported to ONNX (whose
+    ``Conv`` takes uneven padding; PyTorch's ``conv2d`` does not)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conv: tuple[tuple[int, int], tuple[int, int], int],
+        pads: tuple[int, int, int, int],
+    ) -> torch.Tensor:
+        (stride, dilation, groups), (top, left, bottom, right) = conv, pads
+        x = torch.nn.functional.pad(x, (left, right, top, bottom))
+        return torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+    @staticmethod
+    def symbolic(
+        g: Any,
+        x: Any,
+        weight: Any,
+        bias: Any,
+        conv: tuple[tuple[int, int], tuple[int, int], int],
+        pads: tuple[int, int, int, int],
+    ) -> Any:
+        (stride, dilation, groups), kernel = conv, weight.type().sizes()[2:]
+        inputs = [x, weight] if bias is None or bias.node().mustBeNone() else [x, weight, bias]
+        return g.op(
+            "Conv",
+            *inputs,
+            kernel_shape_i=list(kernel),
+            strides_i=list(stride),
+            dilations_i=list(dilation),
+            group_i=groups,
+            pads_i=list(pads),
+        )
 
 
 def _check_export(name: str, data: bytes, probe: torch.Tensor, expected: torch.Tensor) -> None:

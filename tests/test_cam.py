@@ -179,6 +179,22 @@ def test_normalize_minmax_is_per_map_affine(generator: torch.Generator) -> None:
     assert torch.all(out.amax(dim=(2, 3)) == 1)
 
 
+@pytest.mark.parametrize("mode", ["minmax", "max"])
+def test_normalize_a_batch_equals_each_map_alone(generator: torch.Generator, mode: str) -> None:
+    """The pipeline normalises the maps of a whole batch at once: the same bits as one by one,
+    flat maps among them included."""
+    maps = torch.randn(4, 2, 30, 40, generator=generator)
+    maps[1, 0] = 2.5  # flat
+    maps[2, 1] = -1.0  # flat and negative
+    maps[3, 0] = maps[3, 0] * 1e-7 + 4.0  # rounding noise: flat for minmax
+    together = cam.normalize(maps, mode)
+    for n in range(4):
+        for k in range(2):
+            assert torch.equal(
+                together[n, k], cam.normalize(maps[n : n + 1, k : k + 1], mode)[0, 0]
+            )
+
+
 def test_normalize_max_drops_negative_evidence() -> None:
     maps = torch.tensor([[[[-2.0, 0.0], [1.0, 4.0]]]])
     out = cam.normalize(maps, "max")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -14,10 +15,10 @@ from PIL import Image
 
 import gapcam
 from gapcam import cam
-from gapcam.boxes import box_iou
+from gapcam.boxes import box_iou, boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.localizer import Localizer
-from gapcam.result import Result
+from gapcam.result import Result, normalized_maps
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CAT_FACE = (40, 0, 410, 300)  # generous hand box of the cat in examples/cat.png
@@ -100,6 +101,24 @@ def test_a_batch_equals_single_images(localizer: Localizer, cat_path: Path, coff
         assert batched.size == single.size
     assert isinstance(localizer((cat_path,)), list)  # a tuple is a batch too
     assert localizer([]) == []
+
+
+def test_maps_of_a_batch_are_those_of_each_image(localizer: Localizer, cat_path: Path) -> None:
+    """Images of one size share one upsampling and normalisation in a batch
+    (``Localizer._placed_maps``); each image's maps and boxes are exactly its own."""
+    wide = square_image((120, 80), (10, 10, 50, 40), colour=(250, 200, 20))
+    tall = square_image((80, 120), (20, 30, 60, 90), colour=(20, 200, 250))
+    sources = [wide, cat_path, tall, wide.transpose(0), tall]  # sizes repeat, out of order
+    for variant in (localizer, dataclasses.replace(localizer, resize="letterbox")):
+        for result in variant(sources, top_k=2):
+            width, height = result.size
+            low = torch.from_numpy(np.stack([m.low_res for m in result.maps]))[None]
+            alone = normalized_maps(low, (height, width), result.region, result.settings)
+            for j, class_map in enumerate(result.maps):
+                assert np.array_equal(result.normalized[j], alone[j])
+                assert class_map.boxes == boxes_from_map(
+                    alone[j], variant.threshold, variant.min_area
+                )
 
 
 # -- classes, top_k ----------------------------------------------------------------------------

@@ -103,15 +103,20 @@ def normalize(maps: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
         return maps
     if mode not in NORMALIZATIONS:
         raise ValueError(f"normalize={mode!r}: use one of {', '.join(NORMALIZATIONS)}")
-    flat = maps.flatten(-2)
-    top = flat.amax(dim=-1)[..., None, None]
     if mode == "max":
+        top = maps.flatten(-2).amax(dim=-1)[..., None, None]
         positive = torch.relu(maps)
         return torch.where(top > 0, positive / top.clamp_min(1e-12), torch.zeros_like(maps))
+    flat = maps.flatten(-2)
+    top = flat.amax(dim=-1)[..., None, None]
     bottom = flat.amin(dim=-1)[..., None, None]
     span = top - bottom
     varies = span > FLAT_TOLERANCE * torch.maximum(top.abs(), bottom.abs())
-    return torch.where(varies, (maps - bottom) / span.clamp_min(1e-12), torch.zeros_like(maps))
+    # two passes over the map, into one new tensor (the same operations as the formula)
+    out = torch.sub(maps, bottom).div_(span.clamp_min(1e-12))
+    if not bool(varies.all()):
+        out.masked_fill_(~varies, 0.0)
+    return out
 
 
 def placed(

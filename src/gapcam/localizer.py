@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+import numpy as np
 import torch
 
 from gapcam import cam, images
@@ -26,7 +27,7 @@ from gapcam.boxes import boxes_from_map
 from gapcam.errors import ClassSelectionError, GapcamError
 from gapcam.models import GapModel, build_model, inference_state, model_or_checkpoint
 from gapcam.models.dense import dilate
-from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_maps, scale_boxes
+from gapcam.result import KEEP_MAPS_PIXELS, Result, map_size, normalized_batch, scale_boxes
 from gapcam.types import (
     BOX_NORMALIZATIONS,
     DEFAULT_MODEL,
@@ -457,16 +458,17 @@ class Localizer:
             t.cpu().tolist()
             for t in (scores.mapped, scores.logits, scores.probabilities, scores.top)
         )
+        placed = self._placed_maps(loaded, scores.low, scores.preprocess, scores.placement)
+        low = scores.low.cpu().numpy()
         return [
             self._result(
                 item,
-                scores.low[i : i + 1],
+                low[i],
                 mapped_rows[i],
                 logit_rows[i],
                 probability_rows[i],
                 top_rows[i],
-                scores.preprocess,
-                scores.placement,
+                placed[i],
                 settings,
             )
             for i, item in enumerate(loaded)
@@ -541,13 +543,12 @@ class Localizer:
         top = probabilities.topk(k).indices
         return self._result(
             item,
-            low,
+            low[0].cpu().numpy(),
             [int(c) for c in mapped],
             logits.cpu().tolist(),
             probabilities.cpu().tolist(),
             top.cpu().tolist(),
-            preprocess,
-            placement,
+            self._placed_maps([item], low, preprocess, placement)[0],
             self.settings(),
         )
 
@@ -603,41 +604,64 @@ class Localizer:
             features.append(self._runner.features(x.flip(-1) if flip else x))
         return features
 
+    def _placed_maps(
+        self,
+        loaded: Sequence[images.LoadedImage],
+        low: torch.Tensor,
+        preprocess: Preprocess,
+        placement: Placement,
+    ) -> list[PlacedMaps]:
+        """Each image's region and normalised maps (``PlacedMaps``) from the raw maps ``low``
+        (N x k x h x w). Images of the same size share one upsampling and normalisation."""
+        settings = self.settings()
+        groups: dict[tuple[int, int, tuple[float, float, float, float]], list[int]] = {}
+        for i, item in enumerate(loaded):
+            width, height = item.size
+            region = cam.placed(images.fit_region(width, height, preprocess)[1], placement)
+            groups.setdefault((width, height, region), []).append(i)
+        placed: list[PlacedMaps | None] = [None] * len(loaded)
+        for (width, height, region), members in groups.items():
+            rows = low[members[0] : members[0] + 1] if len(members) == 1 else low[members]
+            size, full = map_size(width, height), (height, width)
+            box_maps = normalized_batch(rows, size, region, settings)
+            kept: Sequence[tuple[np.ndarray, ...] | None] = [None] * len(members)
+            if width * height <= KEEP_MAPS_PIXELS:
+                kept = box_maps if size == full else normalized_batch(rows, full, region, settings)
+            for j, i in enumerate(members):
+                placed[i] = PlacedMaps(region, size, box_maps[j], kept[j], str(low.device))
+        return cast("list[PlacedMaps]", placed)
+
     def _result(
         self,
         item: images.LoadedImage,
-        low: torch.Tensor,
+        low: np.ndarray,
         mapped: list[int],
         logits: list[float],
         probabilities: list[float],
         top: list[int],
-        preprocess: Preprocess,
-        placement: Placement,
+        placed: PlacedMaps,
         settings: Settings,
     ) -> Result:
+        """One image's Result from its raw maps ``low`` (k x h x w) and what ``scores`` and
+        ``_placed_maps`` made for it."""
         names = self._model.class_names
 
         def prediction(index: int) -> Prediction:
             return Prediction(index, names[index], probabilities[index], logits[index])
 
         width, height = item.size
-        _, image_region = images.fit_region(width, height, preprocess)
-        region = cam.placed(image_region, placement)
-        size, full = map_size(width, height), (height, width)
-        box_maps = normalized_maps(low, size, region, settings)
-        kept = None
-        if width * height <= KEEP_MAPS_PIXELS:
-            kept = box_maps if size == full else normalized_maps(low, full, region, settings)
-        low_np = low[0].cpu().numpy()
+        full = (height, width)
         maps = tuple(
             ClassMap(
                 prediction=prediction(int(c)),
-                low_res=low_np[j],
+                low_res=low[j],
                 boxes=scale_boxes(
-                    boxes_from_map(box_maps[j], self.threshold, self.min_area), size, full
+                    boxes_from_map(placed.box_maps[j], self.threshold, self.min_area),
+                    placed.size,
+                    full,
                 ),
-                raw_min=float(low_np[j].min()),
-                raw_max=float(low_np[j].max()),
+                raw_min=float(low[j].min()),
+                raw_max=float(low[j].max()),
             )
             for j, c in enumerate(mapped)
         )
@@ -647,11 +671,24 @@ class Localizer:
             predictions=tuple(prediction(i) for i in top),
             maps=maps,
             settings=settings,
-            region=region,
+            region=placed.region,
             path=item.path,
             notes=item.notes,
             source_format=item.format,
-            kept_maps=kept,
-            box_maps=box_maps,
-            map_device=str(low.device),
+            kept_maps=placed.kept,
+            box_maps=placed.box_maps,
+            map_device=placed.device,
         )
+
+
+class PlacedMaps(NamedTuple):
+    """Where one image's maps lie (``region``, as ``cam.upsample`` takes it) and its
+    normalised maps: at box resolution (``size``, ``result.map_size``) and, for images up to
+    ``KEEP_MAPS_PIXELS``, at full size (``kept``; the same arrays when the sizes agree)."""
+
+    region: tuple[float, float, float, float]
+    size: tuple[int, int]
+    box_maps: tuple[np.ndarray, ...]
+    kept: tuple[np.ndarray, ...] | None
+    #: where the maps were made (the model's device): ``Result.normalized`` makes them there
+    device: str

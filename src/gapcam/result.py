@@ -197,8 +197,20 @@ def normalized_maps(
     settings: Settings,
 ) -> tuple[np.ndarray, ...]:
     """1 x k x h x w maps -> k normalised H x W float32 arrays in original image coordinates."""
-    up = cam.normalize(cam.upsample(low, size, region), settings.normalize)[0]
-    return tuple(np.ascontiguousarray(m) for m in up.cpu().numpy())
+    return normalized_batch(low, size, region, settings)[0]
+
+
+def normalized_batch(
+    low: torch.Tensor,
+    size: tuple[int, int],
+    region: tuple[float, float, float, float],
+    settings: Settings,
+) -> list[tuple[np.ndarray, ...]]:
+    """N x k x h x w maps of N images of the same size and region -> for each image, its k
+    normalised H x W float32 arrays (views into one array): one upsampling and one
+    normalisation for them all, the same values as image by image."""
+    up = cam.normalize(cam.upsample(low, size, region), settings.normalize).cpu().numpy()
+    return [tuple(image) for image in up]
 
 
 def box_dict(box: Box) -> dict[str, Any]:

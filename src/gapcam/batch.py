@@ -33,6 +33,7 @@ from gapcam.pipeline import (
     default_workers,
     executor,
     ordered_map,
+    torch_threads,
 )
 from gapcam.pipeline import outcome as pipeline_outcome
 from gapcam.result import Result, map_size
@@ -191,6 +192,8 @@ def localize_files(
     window = (1 + streams) * batch_size + workers
     budget = MemoryBudget(memory_budget)
     with ExitStack() as stack:
+        if streams > 1:  # the streams are the parallelism (``pipeline.torch_threads``)
+            stack.enter_context(torch_threads(1))
         readers = executor(workers, stack, "read")
         flow = _Flow(
             budget,

@@ -23,7 +23,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 from gapcam.errors import GapcamError
@@ -115,6 +115,28 @@ def ordered_map(
     while pending:
         first, future = pending.popleft()
         yield first, outcome(future)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block, then restored.
+
+    The pipeline runs it with 1 when its streams run the forward passes in ONNX Runtime's own
+    threads: torch then only does the small per-image work (logits, CAMs, upsampling,
+    normalising), which the streams already run side by side. Split over torch's threads as
+    well, each of those small steps waited for helper threads that the other stream's forward
+    pass kept off the cores (measured in docs/speed.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tune_allocator() -> bool:

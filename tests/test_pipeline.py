@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLES
 
 from gapcam import cli, outputs, pipeline
@@ -74,6 +75,19 @@ def test_allocator_tuning_respects_the_user(monkeypatch: pytest.MonkeyPatch) -> 
     assert pipeline.tune_allocator() is False
 
 
+def test_torch_threads_are_set_for_the_block_and_restored() -> None:
+    before = torch.get_num_threads()
+    inside = []
+    try:
+        with pipeline.torch_threads(1):
+            inside.append(torch.get_num_threads())
+            raise RuntimeError("the block failed")
+    except RuntimeError:
+        pass
+    assert inside == [1]
+    assert torch.get_num_threads() == before
+
+
 def test_defaults_fit_the_machine() -> None:
     assert 2 <= pipeline.default_workers() <= 16
     assert pipeline.default_batch_size() in (8, 16)
@@ -131,7 +145,17 @@ def test_two_onnx_streams_equal_one(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
     options = ("--no-overlay", "--backend", "onnx", "--batch-size", "1")
     one, _ = _localize(tmp_path, "one", *options, "--workers", "0")
+    seen: set[int] = set()  # torch's threads while the streams explain: 1 (torch_threads)
+    explain = Localizer.explain
+    monkeypatch.setattr(
+        Localizer,
+        "explain",
+        lambda self, *a, **k: seen.add(torch.get_num_threads()) or explain(self, *a, **k),
+    )
+    before = torch.get_num_threads()
     two, _ = _localize(tmp_path, "two", *options, "--workers", "2", "--streams", "2")
+    assert seen == {1}
+    assert torch.get_num_threads() == before
     assert [r["input"] for r in two["results"]] == [r["input"] for r in one["results"]]
     for a, b in zip(one["results"], two["results"], strict=True):
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]

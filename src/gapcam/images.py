@@ -373,11 +373,17 @@ def _warning_notes(caught: Sequence[Warning]) -> tuple[str, ...]:
     return tuple(notes)
 
 
+#: the EXIF tag of the orientation (what ``ImageOps.exif_transpose`` reads)
+EXIF_ORIENTATION = 0x0112
+
+
 def _to_rgb(image: Image.Image, label: str) -> tuple[Image.Image, tuple[str, ...]]:
     """Apply EXIF orientation and convert any mode to 8-bit RGB."""
     notes: list[str] = []
     try:
-        oriented = ImageOps.exif_transpose(image)
+        # exif_transpose copies even an upright image: only turn the ones that say so
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+        oriented = ImageOps.exif_transpose(image) if turned else image
     except Exception as exc:  # a broken EXIF block should not lose the picture
         oriented = image
         notes.append(f"EXIF orientation ignored ({exc})")

@@ -36,18 +36,35 @@ MIN_SIDE, MAX_SIDE = 224, 4096
 
 def colorize(normalized: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """H x W map in [0, 1] -> H x W x 3 uint8 through a 256-entry lookup table."""
+    return np.asarray(heat_image(normalized, cmap))
+
+
+def heat_image(normalized: np.ndarray, cmap: str = "jet") -> Image.Image:
+    """``colorize`` as an RGB image: the map's 8-bit levels as a palette image of the colormap's
+    lookup table, expanded by Pillow (one pass in C instead of a gather of three bytes a pixel
+    in numpy)."""
     index = np.multiply(normalized, 255.0, dtype=np.float32)
     index += 0.5
     np.clip(index, 0, 255, out=index)
-    return colormap_lut(cmap)[index.astype(np.uint8)]
+    levels = Image.fromarray(index.astype(np.uint8), "L")
+    levels.putpalette(_palette(cmap))
+    return levels.convert("RGB")
 
 
-def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+@lru_cache(maxsize=16)
+def _palette(name: str) -> bytes:
+    return colormap_lut(name).tobytes()
+
+
+def blend(image: Image.Image, heat: np.ndarray | Image.Image, alpha: float = 0.5) -> Image.Image:
     """``(1 - alpha) * image + alpha * heat`` for an RGB image and an H x W x 3 uint8 heatmap
-    (computed by Pillow in 8 bits: no full-size float copies of large photos)."""
+    (an array or an RGB image; computed by Pillow in 8 bits: no full-size float copies of
+    large photos)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha}: must be between 0 and 1")
-    return Image.blend(image, Image.fromarray(heat), alpha)
+    return Image.blend(
+        image, heat if isinstance(heat, Image.Image) else Image.fromarray(heat), alpha
+    )
 
 
 def display_scale(
@@ -141,7 +158,7 @@ def render(
 ) -> Image.Image:
     """The CAM figure: heatmap blended on the photo, boxes, and a caption band."""
     image, normalized, boxes = fit_for_display(image, normalized, boxes)
-    out = blend(image, colorize(normalized, cmap), alpha)
+    out = blend(image, heat_image(normalized, cmap), alpha)
     if boxes:
         out = draw_boxes(out, boxes)
     if caption:

@@ -276,7 +276,9 @@ class _Flow:
         future = self.inference.submit(self.explain, group)
         self.explaining.append((self.good, self.bad, future))
         self.good, self.bad = [], []
-        while len(self.explaining) >= self.streams:
+        # with streams, one batch more than them: a stream that finishes takes the next at
+        # once, instead of idling until this thread has handed its results on
+        while len(self.explaining) >= (self.streams + 1 if self.streams > 1 else 1):
             self.collect()
 
     def collect(self) -> None:

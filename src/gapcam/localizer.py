@@ -13,6 +13,7 @@ a measured combination for the model (``preset_views``: ``MODEL_PRESETS``, ``PRE
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
@@ -364,7 +365,7 @@ class Localizer:
                 "lower the largest scale or input_size="
             )
 
-    @property
+    @functools.cached_property
     def preprocess(self) -> Preprocess:
         preprocess = self._model.preprocess.replace(resize=self.resize)
         if self.input_size is None:
@@ -374,6 +375,11 @@ class Localizer:
 
     def views(self) -> list[tuple[Preprocess, bool]]:
         """The (preprocessing, mirrored) pairs one call runs: one per scale, and mirrored too."""
+        return list(self._views)
+
+    @functools.cached_property
+    def _views(self) -> tuple[tuple[Preprocess, bool], ...]:
+        """``views`` made once (a Localizer never changes; a variant is a new one)."""
         base = self.preprocess
         height, width = base.size
         sizes = [
@@ -384,9 +390,13 @@ class Localizer:
         for size in dict.fromkeys(sizes):
             preprocess = base if size == base.size else base.replace(size=size)
             views += [(preprocess, flip) for flip in ((False, True) if self.hflip else (False,))]
-        return views
+        return tuple(views)
 
     def settings(self) -> Settings:
+        return self._settings
+
+    @functools.cached_property
+    def _settings(self) -> Settings:
         return Settings(
             model=self._model.name,
             threshold=self.threshold,

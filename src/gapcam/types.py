@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ResizeMode = Literal["stretch", "letterbox"]
@@ -122,9 +123,7 @@ class Preprocess:
     interpolation: str = "bilinear"
 
     def replace(self, **changes: Any) -> Preprocess:
-        values = asdict(self)
-        values.update(changes)
-        return Preprocess(**values)
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,43 @@ def test_uneven_tensorflow_padding_is_part_of_the_convolutions(
     with gapcam.models.inference_state(lite0.module):
         expected = lite0.features(x)
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_uneven_convolution_exports_with_and_without_bias(bias: bool) -> None:
+    """``backends._UnevenConv`` on a TF-"same" convolution of its own (timm's Conv2dSame),
+    with a bias and without one: one ONNX Conv with uneven pads, the layer's values."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    layer = Conv2dSame(3, 4, 5, stride=2, bias=bias).eval()
+    padded = backends._constant_padding(layer, (16, 12))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer  # its weights are the graph's initializers, as in an export
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return padded(x)
+
+    x = torch.randn(2, 3, 16, 12)
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(padded(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation
+            torch.onnx.export(Wrapper(), (x,), buffer, dynamo=False, opset_version=backends.OPSET)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    assert [n.op_type for n in graph.node if n.op_type != "Constant"] == ["Conv"]
+    (conv,) = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(conv.input) == (3 if bias else 2)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert torch.allclose(torch.from_numpy(got), expected, atol=1e-5)
 
 
 def test_int8_is_refused_where_it_cannot_run_or_pay(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
@@ -56,6 +57,17 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
             width, height = image.size
             box = (n, n // 2, width - 2 * n, height - n)
             image.convert("RGB").crop(box).save(folder / f"{n:02d}-{Path(name).stem}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def many_photos(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 48 photos 10 times over (hard links), for the tests that stop a run midway: with 48
+    the run could end between the fourth overlay and the interruption."""
+    folder = tmp_path_factory.mktemp("many")
+    for round_ in range(10):
+        for photo in sorted(photos.iterdir()):
+            os.link(photo, folder / f"{round_}-{photo.name}")
     return folder
 
 
@@ -125,12 +137,12 @@ def test_the_documented_command_runs_on_both_nodes_and_equals_the_local_engine(
 
 
 def test_ctrl_c_stops_the_driver_task_on_the_cluster_too(
-    cluster: Cluster, photos: Path, tmp_path: Path
+    cluster: Cluster, many_photos: Path, tmp_path: Path
 ) -> None:
     """Ctrl-C on the machine that typed the command cancels the job on the head node: exit 130,
     no OUT, no staging folder, and no actor left working on the cluster."""
     out = tmp_path / "out"
-    args = [str(photos), "--out", str(out), "--ray-address", cluster.address]
+    args = [str(many_photos), "--out", str(out), "--ray-address", cluster.address]
     command = [sys.executable, "-m", "gapcam", "localize", "--engine", "ray", *args]
     command += ["--backend", "eager", "--batch-size", "1"]
     run = subprocess.Popen(
@@ -205,12 +217,12 @@ def _wait_for_overlays(folder: Path, count: int, run: subprocess.Popen[str]) -> 
 
 
 def test_a_cluster_that_goes_away_fails_in_one_line_and_leaves_nothing(
-    photos: Path, tmp_path: Path
+    many_photos: Path, tmp_path: Path
 ) -> None:
     cluster = start_cluster()
     try:
         out = tmp_path / "out"
-        args = [str(photos), "--out", str(out), "--ray-address", cluster.address, "-q"]
+        args = [str(many_photos), "--out", str(out), "--ray-address", cluster.address, "-q"]
         command = [sys.executable, "-m", "gapcam", "localize", "--engine", "ray", *args]
         command += ["--backend", "eager", "--batch-size", "1"]
         run = subprocess.Popen(

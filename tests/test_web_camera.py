@@ -377,9 +377,10 @@ def test_camera_waits_out_a_busy_server_and_stops_on_a_refusal(
     assert page.text_content("#camera-toggle") == "Start camera"
     assert page.evaluate("() => document.getElementById('camera-video').srcObject") is None
 
-    # and it starts again
+    # and it starts again, counting its answers from 0 (not the last run's)
     answers["refuse"] = None
     page.click("#camera-toggle")
+    assert page.get_attribute("#camera-canvas", "data-answers") == "0"
     wait_for_answers(page, 0)
     assert page.is_hidden("#camera-message")
     page.click("#mode-image")  # leaving the camera mode stops the camera

@@ -507,6 +507,9 @@ async function startCamera() {
   if (problem) return;
   $("camera-toggle").disabled = true;
   $("camera-status").textContent = "Asking for the camera…";
+  // a new start: nothing of the last run (its answers, its error) stands meanwhile
+  $("camera-canvas").dataset.state = "starting";
+  $("camera-canvas").dataset.answers = "0";
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
@@ -526,6 +529,8 @@ async function startCamera() {
   $("camera-toggle").disabled = false;
   if (document.body.dataset.mode !== "camera") { // left camera mode while the browser asked
     for (const track of stream.getTracks()) track.stop();
+    $("camera-canvas").dataset.state = "off";
+    $("camera-status").textContent = "";
     return;
   }
   const video = $("camera-video");
@@ -535,6 +540,8 @@ async function startCamera() {
   } catch (error) {
     for (const track of stream.getTracks()) track.stop();
     video.srcObject = null;
+    $("camera-canvas").dataset.state = "error";
+    $("camera-status").textContent = "";
     showCameraMessage(cameraErrorMessage(error));
     return;
   }

@@ -193,3 +193,39 @@ def test_actors_get_the_view_options_and_precision(tmp_path: Path) -> None:
     assert options["scales"] == (1.0, 1.5)
     assert options["hflip"] is True
     assert options["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("failures", "error", "calls", "connects"),
+    [
+        (1, ConnectionAbortedError("Initialization failure from server:\nTraceback ..."), 2, True),
+        (9, ConnectionAbortedError("Initialization failure from server:\nTraceback ..."), 3, False),
+        (9, ConnectionError("failed to connect to all addresses"), 1, False),
+    ],
+)
+def test_a_head_that_fails_to_start_the_client_server_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch, failures: int, error: Exception, calls: int, connects: bool
+) -> None:
+    """'Initialization failure from server' (the head could not start this client's own server
+    in time) is tried again, twice at most; any other failure is one line at once."""
+    from gapcam import ray_engine
+    from gapcam.errors import GapcamError
+
+    tried: list[str] = []
+
+    def init(address: str, **_: object) -> None:
+        tried.append(address)
+        if len(tried) <= failures:
+            raise error
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_engine.time, "sleep", lambda _: None)
+    address = "ray://127.0.0.1:1"
+    if connects:
+        ray_engine._connect(address)
+    else:
+        with pytest.raises(GapcamError, match="cannot connect to the Ray cluster") as caught:
+            ray_engine._connect(address)
+        assert "\n" not in str(caught.value).replace("\\n", "")
+    assert tried == [address] * calls

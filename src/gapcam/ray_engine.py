@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -373,6 +374,40 @@ def run_on_cluster(job: dict[str, Any], staging_name: str) -> dict[str, Any]:
     return answer
 
 
+#: How many times a ``ray://`` connection is tried when the head answers "Initialization
+#: failure from server": it could not start this client's own server in time (seen on a busy
+#: head), which a later try usually can. Other failures are reported at once.
+CONNECT_ATTEMPTS = 3
+
+
+def _connect(address: str) -> None:
+    """Connect to the cluster at ``address`` (``ray://``) unless connected; ``GapcamError``,
+    one line, when it cannot."""
+    import ray
+
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            # the client's own warnings and logs are not the user's: failures are raised
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if not ray.is_initialized():
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            return
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            transient = isinstance(exc, ConnectionAbortedError) and "Initialization failure" in str(
+                exc
+            )
+            if transient and attempt < CONNECT_ATTEMPTS:
+                time.sleep(2.0 * attempt)  # the client disconnected itself: start afresh
+                continue
+            raise GapcamError(
+                f"--ray-address {safe_text(address)}: cannot connect to the Ray cluster "
+                f"({safe_text(exc)}); is the head's client server running (ray start --head "
+                "--ray-client-server-port 10001), and are RAY_AUTH_MODE=token and the "
+                "cluster's token set here?"
+            ) from exc
+
+
 def _run_through_client(
     address: str, job: dict[str, Any], *, quiet: bool, on_error: Callable[[str], None]
 ) -> RayRun:
@@ -383,19 +418,7 @@ def _run_through_client(
     job = _absolute_paths(job)
     out: Path = job["outputs"].folder
     check_out(out, job["overwrite"])  # when OUT is visible here too: before connecting
-    try:
-        # the client's own warnings and logs are not the user's: failures are raised
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if not ray.is_initialized():
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-        raise GapcamError(
-            f"--ray-address {safe_text(address)}: cannot connect to the Ray cluster "
-            f"({safe_text(exc)}); is the head's client server running (ray start --head "
-            "--ray-client-server-port 10001), and are RAY_AUTH_MODE=token and the cluster's "
-            "token set here?"
-        ) from exc
+    _connect(address)
     # its reconnection notices are not ours either: a lost cluster is one line, below
     logging.getLogger("ray.util.client.logsclient").setLevel(logging.ERROR)
     staging_name = f".{out.name}.{uuid.uuid4().hex[:12]}"

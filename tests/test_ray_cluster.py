@@ -146,7 +146,14 @@ def test_ctrl_c_stops_the_driver_task_on_the_cluster_too(
     command = [sys.executable, "-m", "gapcam", "localize", "--engine", "ray", *args]
     command += ["--backend", "eager", "--batch-size", "1"]
     run = subprocess.Popen(
-        command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as in a terminal: a test run started in the background (`cmd &` in a script)
+        # hands its children SIGINT ignored, and Python then installs no handler for it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for_overlays(tmp_path, 4, run)
     run.send_signal(signal.SIGINT)

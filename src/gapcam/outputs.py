@@ -122,10 +122,11 @@ def _temp_prefix(target: Path) -> str:
     return f".{name}."
 
 
-def _write_temp(target: Path, data: bytes, sync: bool = True) -> Path:
+def _write_temp(target: Path, data: bytes, sync: bool = True, parents: bool = True) -> Path:
     """``data`` in a new temporary file next to ``target``, flushed to disk when ``sync``;
-    removed on error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    removed on error. ``parents``: make the folder first when it is missing."""
+    if parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(
         prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent
     )
@@ -166,13 +167,16 @@ def atomic_write_all(files: Mapping[Path, bytes]) -> None:
             temp.unlink(missing_ok=True)
 
 
-def atomic_write(target: Path, data: bytes, *, overwrite: bool = False, sync: bool = True) -> Path:
+def atomic_write(
+    target: Path, data: bytes, *, overwrite: bool = False, sync: bool = True, parents: bool = True
+) -> Path:
     """Write ``data`` to ``target`` through a temporary file in the same folder; ``OutputError``
     (nothing left behind) when it cannot. ``sync=False`` skips the fsync, for caches, where an
-    entry lost in a crash is only a miss."""
+    entry lost in a crash is only a miss. ``parents=False``: the folder must exist (it is never
+    made again, e.g. by a Ray actor after a cancelled run removed it)."""
     temp = None
     try:
-        temp = _write_temp(target, data, sync)
+        temp = _write_temp(target, data, sync, parents)
         _place(temp, target, overwrite)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc

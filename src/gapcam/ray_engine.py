@@ -36,6 +36,7 @@ not rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -212,7 +213,7 @@ class LocalizeActor:
         data = encode_image(figure, fmt)
         if not target.parent.is_dir():  # a cancelled run removed it: never made again here
             raise GapcamError(f"{target.parent}: gone (the run was cancelled)")
-        atomic_write(target, data, overwrite=True)
+        atomic_write(target, data, overwrite=True, parents=False)  # nor between check and write
         return str(Path(self.options["final_out"]) / "overlays" / target.name)
 
 
@@ -348,10 +349,31 @@ def _drive(
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    except BaseException:  # a failure, or a cancel (Ctrl-C where a ray:// command was typed)
+        remove_settled(staging)
+        raise
     return RayRun(len(paths) - errors, errors + len(problems), out, nodes)
+
+
+#: ``remove_settled``: a folder counts as gone once it stayed away this long (seconds), and
+#: is watched this long at most
+SETTLE_SECONDS, SETTLE_LIMIT = 2.0, 20.0
+
+
+def remove_settled(folder: Path) -> None:
+    """Remove ``folder`` and keep removing it while it comes back, until it has stayed away
+    ``SETTLE_SECONDS`` (at most ``SETTLE_LIMIT``): when a run is stopped, a Parquet write task
+    of Ray Data already on its way can still make its folder again, after the first removal."""
+    deadline = time.monotonic() + SETTLE_LIMIT
+    gone_since = time.monotonic()
+    while True:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            gone_since = time.monotonic()
+        now = time.monotonic()
+        if now - gone_since >= SETTLE_SECONDS or now >= deadline:
+            return
+        time.sleep(0.2)
 
 
 def run_on_cluster(job: dict[str, Any], staging_name: str) -> dict[str, Any]:
@@ -430,8 +452,11 @@ def _run_through_client(
         answer = ray.get(running)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the driver task stops too; its own
         ray.cancel(running)  # clean-up stops the actors and removes the staging folder
-        ray.wait([running], timeout=CANCEL_WAIT)
-        shutil.rmtree(out.parent / staging_name, ignore_errors=True)
+        ended, _ = ray.wait([running], timeout=CANCEL_WAIT)
+        for task_ref in ended:  # its error is taken here, or Ray prints it at exit as unhandled
+            with contextlib.suppress(Exception):
+                ray.get(task_ref)
+        remove_settled(out.parent / staging_name)
         raise
     except Exception as exc:  # the cluster, or the connection to it, went away
         shutil.rmtree(out.parent / staging_name, ignore_errors=True)

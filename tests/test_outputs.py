@@ -146,3 +146,14 @@ def test_an_unknown_image_format_names_the_keyword() -> None:
     with pytest.raises(OutputError) as refused:
         outputs.encode_image(Image.new("RGB", (2, 2)), "webp")
     assert str(refused.value) == "fmt='webp': use png or jpg"
+
+
+def test_a_write_that_may_not_make_its_folder_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    """``parents=False`` (a Ray actor writing into a staging folder that a stopped run removed):
+    an OutputError, and the folder is not made again."""
+    target = tmp_path / "gone" / "overlays" / "a.cam.png"
+    with pytest.raises(OutputError, match="cannot write"):
+        outputs.atomic_write(target, b"png", parents=False)
+    assert list(tmp_path.iterdir()) == []
+    assert outputs.atomic_write(target, b"png") == target  # the default makes it
+    assert target.read_bytes() == b"png"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -229,3 +230,28 @@ def test_a_head_that_fails_to_start_the_client_server_is_tried_again(
             ray_engine._connect(address)
         assert "\n" not in str(caught.value).replace("\\n", "")
     assert tried == [address] * calls
+
+
+def test_a_staging_folder_that_comes_back_is_removed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stop, a write already on its way can make the staging folder again: it is
+    removed until it stays away."""
+    import threading
+
+    from gapcam import ray_engine
+
+    monkeypatch.setattr(ray_engine, "SETTLE_SECONDS", 0.6)
+    staging = tmp_path / ".out.abc"
+    (staging / "parquet").mkdir(parents=True)
+
+    def late_writer() -> None:
+        time.sleep(0.3)
+        (staging / "parquet").mkdir(parents=True, exist_ok=True)
+        (staging / "parquet" / "late.parquet").write_bytes(b"x")
+
+    writer = threading.Thread(target=late_writer)
+    writer.start()
+    ray_engine.remove_settled(staging)
+    writer.join()
+    assert not staging.exists()

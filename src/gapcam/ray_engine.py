@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -345,7 +346,7 @@ def _drive(
         rows = localize_dataset(paths, options, actors=job["actors"], batch_size=job["batch_size"])
         # writing Parquet takes no CPU slot: every CPU of a small cluster runs an actor
         rows.write_parquet(str(staging / "parquet"), ray_remote_args={"num_cpus": 0})
-        errors, nodes = _tally(staging / "parquet")
+        errors, nodes = _tally(staging / "parquet", len(paths))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -451,12 +452,16 @@ def _run_through_client(
     try:
         answer = ray.get(running)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the driver task stops too; its own
-        ray.cancel(running)  # clean-up stops the actors and removes the staging folder
-        ended, _ = ray.wait([running], timeout=CANCEL_WAIT)
-        for task_ref in ended:  # its error is taken here, or Ray prints it at exit as unhandled
-            with contextlib.suppress(Exception):
-                ray.get(task_ref)
-        remove_settled(out.parent / staging_name)
+        # Ray Client prints what the cluster's processes print; their messages about the
+        # stopped job (tracebacks of its cancelled tasks) are not the user's: not shown
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            ray.cancel(running)  # clean-up stops the actors and removes the staging folder
+            ended, _ = ray.wait([running], timeout=CANCEL_WAIT)
+            for task_ref in ended:  # its error is taken here, not printed at exit as unhandled
+                with contextlib.suppress(Exception):
+                    ray.get(task_ref)
+            remove_settled(out.parent / staging_name)
+            ray.shutdown()  # and nothing more is streamed after this
         raise
     except Exception as exc:  # the cluster, or the connection to it, went away
         shutil.rmtree(out.parent / staging_name, ignore_errors=True)
@@ -540,14 +545,20 @@ def localize_dataset(
     )
 
 
-def _tally(folder: Path) -> tuple[int, dict[str, int]]:
-    """(rows with an error, rows per node label) of the Parquet rows in ``folder``."""
+def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int]]:
+    """(rows with an error, rows per node label) of the Parquet rows in ``folder``, which
+    must hold ``expected`` rows: a write cut short (a cancelled run whose Ray Data execution
+    ended early instead of raising) is never taken for a finished one."""
     from collections import Counter
 
     import pyarrow.parquet as pq
     import ray
 
     table = pq.read_table(folder, columns=["error", "node"])
+    if table.num_rows != expected:
+        raise GapcamError(
+            f"the run stopped after {table.num_rows} of {expected} rows; nothing was written"
+        )
     errors = int(table.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
     counts = Counter(table.column("node").to_pylist())
     addresses = {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in ray.nodes()}

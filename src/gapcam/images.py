@@ -14,6 +14,7 @@ open file. Warnings raised while one file is decoded (Pillow's "Possibly corrupt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -187,7 +188,10 @@ def _open_file(path: Path, label: str, max_pixels: int) -> Iterator[IO[bytes]]:
         _check_file_size(info.st_size, label, max_pixels)
         handle = os.fdopen(descriptor, "rb")
     except BaseException:
-        os.close(descriptor)
+        # a signal (SIGTERM -> Terminated) inside fdopen may come after the file object took
+        # the descriptor: closing it twice must not replace the exception on its way out
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
         raise
     with handle:
         yield handle

@@ -631,7 +631,7 @@ class Localizer:
             groups.setdefault((width, height, region), []).append(i)
         placed: list[PlacedMaps | None] = [None] * len(loaded)
         for (width, height, region), members in groups.items():
-            rows = low[members[0] : members[0] + 1] if len(members) == 1 else low[members]
+            rows = low[members]
             size, full = map_size(width, height), (height, width)
             box_maps = normalized_batch(rows, size, region, settings)
             kept: Sequence[tuple[np.ndarray, ...] | None] = [None] * len(members)

@@ -36,7 +36,7 @@ MIN_SIDE, MAX_SIDE = 224, 4096
 
 def colorize(normalized: np.ndarray, cmap: str = "jet") -> np.ndarray:
     """H x W map in [0, 1] -> H x W x 3 uint8 through a 256-entry lookup table."""
-    return np.asarray(heat_image(normalized, cmap))
+    return np.array(heat_image(normalized, cmap))  # a writable array, as before
 
 
 def heat_image(normalized: np.ndarray, cmap: str = "jet") -> Image.Image:

@@ -207,10 +207,11 @@ def normalized_batch(
     settings: Settings,
 ) -> list[tuple[np.ndarray, ...]]:
     """N x k x h x w maps of N images of the same size and region -> for each image, its k
-    normalised H x W float32 arrays (views into one array): one upsampling and one
-    normalisation for them all, the same values as image by image."""
+    normalised H x W float32 arrays: one upsampling and one normalisation for them all, the
+    same values as image by image. Each image gets its own array (copied out of the batch's
+    when N > 1), so a Result holds its own maps only, as the memory budget charges them."""
     up = cam.normalize(cam.upsample(low, size, region), settings.normalize).cpu().numpy()
-    return [tuple(image) for image in up]
+    return [tuple(image if len(up) == 1 else image.copy()) for image in up]
 
 
 def box_dict(box: Box) -> dict[str, Any]:

@@ -26,7 +26,10 @@ building and ONNX export are outside the timed part. Rows, per model:
 - with ``--repeat R``: ``files->json`` again on the images repeated R times (copies in a
   temporary folder) to show that peak memory does not grow with the number of images.
 
-Ratios are to the limit and to each peer. ``--rows`` runs some rows only (substrings);
+Ratios are to the limit and to each peer. ``CPU ms / img`` is the process's CPU time (user and
+system, all threads) over the timed run, per image, and ``cores busy`` that time over the
+run's: on a machine whose cores are all busy, a path's rate is set by its CPU time per image,
+so the difference to the limit's is what the path costs besides the forward pass. ``--rows`` runs some rows only (substrings);
 ``--rounds N`` runs a model's rows N times over, in turn, keeping each row's best (a slow spell
 of a shared machine then falls on every row alike instead of on one). The children run with
 OMP_WAIT_POLICY=PASSIVE (as the gapcam CLI sets by default) unless it is already set.
@@ -245,13 +248,20 @@ def child(row: str, name: str, listing: Path, tmp: Path, batch: int, repeats: in
         }.get(row, lambda ps: forward_row(row, model, ps, batch))
         make(paths[:batch])()  # warm-up
         action = make(paths)
-    best = float("inf")
+    best, cpu = float("inf"), 0.0
     for _ in range(repeats):  # the best of several: shared machines are noisy
-        start = time.perf_counter()
+        start, used = time.perf_counter(), cpu_seconds()
         action()
-        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() - start < best:
+            best, cpu = time.perf_counter() - start, cpu_seconds() - used
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": best, "count": len(paths), "rss_mb": rss}))
+    print(json.dumps({"seconds": best, "cpu_seconds": cpu, "count": len(paths), "rss_mb": rss}))
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far, user and system, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the parent: one child per row, then the table ------------------------------------------------
@@ -315,8 +325,8 @@ def machine() -> str:
 
 def table(results: list[tuple[str, str, int, dict[str, Any]]]) -> str:
     lines = [
-        "| model | path | images | img/s | x limit | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | path | images | img/s | x limit | CPU ms / img | cores busy | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     limit: dict[str, float] = {}
     for m, row, _, r in results:
@@ -324,11 +334,14 @@ def table(results: list[tuple[str, str, int, dict[str, Any]]]) -> str:
             limit[m] = max(limit.get(m, 0.0), r["count"] / r["seconds"])
     for model, row, count, r in results:
         if "error" in r:
-            lines.append(f"| {model} | {row} | {count} | failed: {r['error']} | | |")
+            lines.append(f"| {model} | {row} | {count} | failed: {r['error']} | | | | |")
             continue
         rate = r["count"] / r["seconds"]
         ratio = f"{rate / limit[model]:.2f}" if model in limit else "-"
-        lines.append(f"| {model} | {row} | {count} | {rate:.1f} | {ratio} | {r['rss_mb']:.0f} |")
+        cpu = f"{r['cpu_seconds'] / r['count'] * 1000:.2f} | {r['cpu_seconds'] / r['seconds']:.2f}"
+        lines.append(
+            f"| {model} | {row} | {count} | {rate:.1f} | {ratio} | {cpu} | {r['rss_mb']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -179,11 +179,10 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
     parser = cli.build_parser()
     runs = iter(range(1000))
 
-    def once() -> None:
-        i = next(runs)
+    def once() -> None:  # each run writes a new folder, kept until the child ends (deleting
+        i = next(runs)  # the last run's overlays would be timed with this one)
         out = ["--out", str(tmp / f"out{i}"), "--json", str(tmp / f"r{i}.json")]
         run.run(parser.parse_args(["localize", str(folder), *out, *argv]))
-        shutil.rmtree(tmp / f"out{i}", ignore_errors=True)
 
     inputs = [Path(p) for p in listing.read_text().split("\n")[1:] if p]
     localizer = run._localizer(parser.parse_args(["localize", "x", *argv]), inputs)

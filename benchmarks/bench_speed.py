@@ -29,10 +29,12 @@ building and ONNX export are outside the timed part. Rows, per model:
 Ratios are to the limit and to each peer. ``CPU ms / img`` is the process's CPU time (user and
 system, all threads) over the timed run, per image, and ``cores busy`` that time over the
 run's: on a machine whose cores are all busy, a path's rate is set by its CPU time per image,
-so the difference to the limit's is what the path costs besides the forward pass. ``--rows`` runs some rows only (substrings);
-``--rounds N`` runs a model's rows N times over, in turn, keeping each row's best (a slow spell
-of a shared machine then falls on every row alike instead of on one). The children run with
-OMP_WAIT_POLICY=PASSIVE (as the gapcam CLI sets by default) unless it is already set.
+so the difference to the limit's is what the path costs besides the forward pass.
+
+``--rows`` runs some rows only (substrings); ``--rounds N`` runs a model's rows N times over,
+in turn, keeping each row's best (a slow spell of a shared machine then falls on every row
+alike instead of on one). The children run with OMP_WAIT_POLICY=PASSIVE (as the gapcam CLI
+sets by default) unless it is already set.
 """
 
 from __future__ import annotations
@@ -251,8 +253,9 @@ def child(row: str, name: str, listing: Path, tmp: Path, batch: int, repeats: in
     for _ in range(repeats):  # the best of several: shared machines are noisy
         start, used = time.perf_counter(), cpu_seconds()
         action()
-        if time.perf_counter() - start < best:
-            best, cpu = time.perf_counter() - start, cpu_seconds() - used
+        seconds, spent = time.perf_counter() - start, cpu_seconds() - used
+        if seconds < best:
+            best, cpu = seconds, spent
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": best, "cpu_seconds": cpu, "count": len(paths), "rss_mb": rss}))
 

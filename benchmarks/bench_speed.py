@@ -55,6 +55,8 @@ from typing import Any
 
 from devset import add_data_option, dev_set
 
+from gapcam.console import safe_text
+
 ROWS = (
     "forward eager",
     "forward eager, malloc kept",
@@ -163,7 +165,7 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
     from gapcam import cli
     from gapcam.cli import localize as run
 
-    folder = Path(listing.read_text().split("\n", 1)[0])
+    folder, inputs = read_listing(listing)
     argv = ["--model", name, "--batch-size", str(batch), "-q"]
     if name != "efficientnet_lite0":
         from safetensors.torch import save_file
@@ -184,9 +186,9 @@ def cli_row(row: str, name: str, listing: Path, tmp: Path, batch: int) -> Callab
     def once() -> None:  # each run writes a new folder, kept until the child ends (deleting
         i = next(runs)  # the last run's overlays would be timed with this one)
         out = ["--out", str(tmp / f"out{i}"), "--json", str(tmp / f"r{i}.json")]
-        run.run(parser.parse_args(["localize", str(folder), *out, *argv]))
+        if run.run(parser.parse_args(["localize", str(folder), *out, *argv])) != 0:
+            raise SystemExit("gapcam localize reported images it could not read: no rate")
 
-    inputs = [Path(p) for p in listing.read_text().split("\n")[1:] if p]
     localizer = run._localizer(parser.parse_args(["localize", "x", *argv]), inputs)
     run._localizer = lambda _args, _inputs: localizer  # type: ignore[assignment]
     return once
@@ -237,7 +239,7 @@ def peer_row(
 
 
 def child(row: str, name: str, listing: Path, tmp: Path, batch: int, repeats: int) -> None:
-    paths = [Path(p) for p in listing.read_text().split("\n")[1:] if p]
+    _, paths = read_listing(listing)
     if row.startswith("gapcam files"):
         action = cli_row(row, name, listing, tmp, batch)  # built and exported, not yet timed
     else:
@@ -266,13 +268,19 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def read_listing(listing: Path) -> tuple[Path, list[Path]]:
+    """(the images' folder, the images) that ``measure`` gave a child."""
+    data = json.loads(listing.read_text())
+    return Path(data["folder"]), [Path(p) for p in data["paths"]]
+
+
 # -- the parent: one child per row, then the table ------------------------------------------------
 def measure(
     row: str, name: str, folder: Path, paths: Sequence[Path], batch: int, repeats: int
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        listing = Path(tmp) / "list.txt"
-        listing.write_text("\n".join([str(folder), *map(str, paths)]))
+        listing = Path(tmp) / "list.json"  # JSON: a file name may hold a newline
+        listing.write_text(json.dumps({"folder": str(folder), "paths": [str(p) for p in paths]}))
         env = {**os.environ}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("GAPCAM_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gapcam-bench-cache"))
@@ -291,7 +299,7 @@ def measure(
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-            return {"error": tail[:90]}
+            return {"error": safe_text(tail, 90)}  # a file name may hold terminal escapes
         return json.loads(lines[-1])
 
 

@@ -386,6 +386,33 @@ def test_expand_globs_and_plain_files(tree: Path) -> None:
     assert problems == []
 
 
+def test_expand_finds_each_file_once_through_links(tree: Path) -> None:
+    """A file is one input however it is reached: through a link to it inside a folder, a
+    linked folder given as an argument, or its own path (each file is resolved once, its folder
+    once for all its plain files)."""
+    photos = tree / "photos"
+    (tree / "linked").symlink_to(photos, target_is_directory=True)
+    (tree / "other").mkdir()
+    (tree / "other" / "to-a.jpg").symlink_to(photos / "a.jpg")
+    (tree / "other" / "own.jpg").write_bytes(b"x")
+    found, problems = expand_inputs(
+        [str(tree / "linked"), str(photos / "sub" / "b.PNG"), str(tree / "other")]
+    )
+    assert [(p.relative_to(tree).as_posix(), r.as_posix()) for p, r in found] == [
+        ("linked/a.jpg", "a.jpg"),
+        ("linked/sub/b.PNG", "sub/b.PNG"),
+        ("linked/sub/d.jpeg", "sub/d.jpeg"),
+        ("linked/sub/deeper/c.gif", "sub/deeper/c.gif"),
+        ("other/own.jpg", "own.jpg"),  # other/to-a.jpg is a.jpg, found already
+    ]
+    assert problems == []
+    # the output folder, reached through the linked folder, is still skipped
+    (photos / "out").mkdir()
+    (photos / "out" / "x.cam.jpg").write_bytes(b"x")
+    found, _ = expand_inputs([str(tree / "linked")], exclude=[photos / "out"])
+    assert "x.cam.jpg" not in [p.name for p, _ in found]
+
+
 def test_expand_reports_what_matched_nothing(tree: Path) -> None:
     pattern, empty = str(tree / "photos" / "*.bmp"), str(tree / "empty")
     found, problems = expand_inputs([pattern, empty])

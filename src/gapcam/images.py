@@ -576,18 +576,17 @@ def expand_inputs(
     reported: set[Path] = set()
     excluded = [_real(folder) for folder in exclude]
 
-    def outside(path: Path, base: Path) -> bool:
+    def outside(resolved: Path, root: Path) -> bool:
         """Not under an excluded folder that lies strictly inside the argument's base folder
-        (``--out`` equal to the input folder, or above it, excludes nothing)."""
-        resolved, root = _real(path), _real(base)
+        (``--out`` equal to the input folder, or above it, excludes nothing); both resolved
+        (``_real``: each path is resolved once, the argument's folder once for all of it)."""
         return not any(
             resolved.is_relative_to(folder) and folder != root and folder.is_relative_to(root)
             for folder in excluded
         )
 
-    def add(path: Path, relative: Path) -> None:
-        key = _real(path)
-        if key not in seen:
+    def add(path: Path, relative: Path, key: Path) -> None:
+        if key not in seen:  # ``key``: the path resolved
             seen.add(key)
             found.append((path, relative))
 
@@ -601,11 +600,12 @@ def expand_inputs(
             problems.append(InputProblem(argument, _cannot_read(exc)))
             continue
         if folder:
-            members, trouble = _walk(path, suffixes)
-            members = sorted(m for m in members if outside(m, path))
+            root = _real(path)
+            resolved, trouble = _walk(path, suffixes)
+            members = sorted(m for m, real in resolved.items() if outside(real, root))
             # what lies inside the output folder is skipped, its problems as its images
             trouble = sorted(
-                (t for t in trouble if outside(Path(t.path), path)), key=lambda t: t.path
+                (t for t in trouble if outside(_real(Path(t.path)), root)), key=lambda t: t.path
             )
             for problem in trouble:
                 if _real(Path(problem.path)) not in reported:  # two arguments reach one folder
@@ -618,9 +618,9 @@ def expand_inputs(
                     )
                 )
             for member in members:
-                add(member, member.relative_to(path))
+                add(member, member.relative_to(path), resolved[member])
         elif folder is not None or not glob.has_magic(argument):
-            add(path, Path(path.name))  # a missing file is reported when it is read
+            add(path, Path(path.name), _real(path))  # a missing file is reported when read
         else:
             try:
                 matches = sorted(Path(m) for m in glob.glob(argument, recursive=True))
@@ -629,7 +629,7 @@ def expand_inputs(
                     InputProblem(argument, "pattern reaches folders nested too deep to search")
                 )
                 continue
-            files = []
+            files, root = [], _real(_glob_base(argument))
             for match in matches:
                 try:
                     regular = stat.S_ISREG(os.stat(match).st_mode)
@@ -638,20 +638,22 @@ def expand_inputs(
                 except OSError as exc:
                     problems.append(InputProblem(str(match), _cannot_read(exc)))
                     continue
-                if regular and outside(match, _glob_base(argument)):
-                    files.append(match)
+                if regular and outside(real := _real(match), root):
+                    files.append((match, real))
             if not files:
                 problems.append(InputProblem(argument, "pattern matched no files"))
-            for match in files:
-                add(match, Path(match.name))
+            for match, real in files:
+                add(match, Path(match.name), real)
     return found, problems
 
 
-def _walk(folder: Path, suffixes: frozenset[str]) -> tuple[list[Path], list[InputProblem]]:
-    """The image files under ``folder`` (links to folders are not followed, as in
-    ``Path.rglob``), and a problem for each folder that cannot be listed and each image file
-    that cannot be examined. Iterative: any depth, no recursion limit."""
-    files: list[Path] = []
+def _walk(folder: Path, suffixes: frozenset[str]) -> tuple[dict[Path, Path], list[InputProblem]]:
+    """The image files under ``folder``, each with its path resolved (``_real``; links to
+    folders are not followed, as in ``Path.rglob``), and a problem for each folder that
+    cannot be listed and each image file that cannot be examined. Iterative: any depth, no
+    recursion limit. A folder is resolved once for all its files: a file that is not a link
+    resolves to its name in the resolved folder, as ``realpath`` would find it."""
+    files: dict[Path, Path] = {}
     problems: list[InputProblem] = []
     pending = [folder]
     while pending:
@@ -663,13 +665,19 @@ def _walk(folder: Path, suffixes: frozenset[str]) -> tuple[list[Path], list[Inpu
             reason = f"cannot list this folder ({_path_reason(exc)}); its images are left out"
             problems.append(InputProblem(str(current), reason))
             continue
+        real: Path | None = None
         for entry in entries:
             path = current / entry.name
             try:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(path)
                 elif path.suffix.lower() in suffixes and entry.is_file():
-                    files.append(path)
+                    if entry.is_symlink():
+                        files[path] = _real(path)
+                    else:
+                        if real is None:
+                            real = _real(current)
+                        files[path] = real / entry.name
             except OSError as exc:
                 problems.append(InputProblem(str(path), _cannot_read(exc)))
     return files, problems

@@ -284,9 +284,11 @@ def test_a_huge_image_is_charged_for_what_it_will_hold(tmp_path: Path) -> None:
     bare = batch.image_cost(info, 1, batch.Outputs(tmp_path, overlay=False))
     assert bare == info.decode_bytes() + np.prod(map_size(CLAIMED_SIDE, CLAIMED_SIDE)) * 4
     drawn = batch.image_cost(info, 2, batch.Outputs(tmp_path))
+    # drawn at the size of its maps (overlay.MAX_PIXELS), about 16 bytes a pixel per panel
     assert drawn - batch.image_cost(info, 2, batch.Outputs(tmp_path, overlay=False)) == (
-        2 * overlay.MAX_SIDE**2 * 16
+        2 * int(np.prod(map_size(CLAIMED_SIDE, CLAIMED_SIDE))) * 16
     )
+    assert np.prod(map_size(CLAIMED_SIDE, CLAIMED_SIDE)) <= overlay.MAX_PIXELS
     raw = batch.image_cost(info, 1, batch.Outputs(tmp_path, overlay=False, save_cam=True))
     assert raw - bare == CLAIMED_SIDE**2 * 12
 
@@ -334,7 +336,8 @@ def test_files_claiming_120_megapixels_stay_within_the_budget(tmp_path: Path) ->
     document = json.loads((tmp_path / "r.json").read_text())
     assert [r["width"] for r in document["results"]] == [CLAIMED_SIDE] * 3
     with Image.open(document["results"][0]["overlay"]) as figure:
-        assert figure.width == overlay.MAX_SIDE  # and a caption band above
+        # drawn at the size of its maps, and a caption band above
+        assert figure.width == map_size(CLAIMED_SIDE, CLAIMED_SIDE)[1]
 
 
 # -- maps no larger than needed -------------------------------------------------------------------

@@ -38,10 +38,39 @@ def test_blend_matches_the_float_formula_within_one_level() -> None:
 
 @pytest.mark.parametrize(
     ("size", "scale"),
-    [((451, 300), 1.0), ((8, 8), 28.0), ((1000, 10), 4.096), ((12000, 9000), 4096 / 12000)],
+    [
+        ((451, 300), 1.0),
+        ((8, 8), 28.0),
+        ((1000, 10), 4.096),
+        ((2048, 1024), 1.0),  # exactly MAX_PIXELS
+        ((4032, 3024), (2**21 / (4032 * 3024)) ** 0.5),  # a 12 MP photo is drawn at 2 MP
+        ((12000, 9000), (2**21 / (12000 * 9000)) ** 0.5),
+        ((10000, 1000), 4096 / 10000),  # over both bounds: the tighter one
+    ],
 )
 def test_display_scale(size: tuple[int, int], scale: float) -> None:
     assert overlay.display_scale(size) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("size", [(4032, 3024), (3000, 1000), (1449, 1449), (2049, 1024)])
+def test_a_large_image_is_drawn_at_the_size_of_its_maps(size: tuple[int, int]) -> None:
+    """Over MAX_PIXELS the figure has the size of the image's maps (``result.map_size``): the
+    heatmap is drawn as it is, never resampled, and the photo and boxes are brought to it."""
+    from gapcam.result import MAP_PIXELS, map_size
+
+    assert overlay.MAX_PIXELS == MAP_PIXELS
+    width, height = size
+    rows, columns = map_size(width, height)
+    heat = np.linspace(0, 1, rows * columns, dtype=np.float32).reshape(rows, columns)
+    shown, shown_map, boxes = overlay.fit_for_display(
+        Image.new("RGB", size), heat, [Box(0, 0, width, height)]
+    )
+    assert shown.size == (columns, rows)
+    assert shown_map is heat
+    assert boxes[0].as_list() == pytest.approx([0.0, 0.0, columns, rows])
+    figure = overlay.render(Image.new("RGB", size), heat, caption="a large photo")
+    assert figure.width == columns
+    assert figure.height > rows  # the caption band above
 
 
 def test_small_images_are_enlarged_with_their_boxes_and_big_ones_shrunk() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -28,10 +29,15 @@ def colormap_lut(name: str = "jet") -> np.ndarray:
     return np.ascontiguousarray((table * 255.0).round().astype(np.uint8))
 
 
-#: Overlays are drawn with their shorter side at least MIN_SIDE and longer side at most
-#: MAX_SIDE pixels (an 8x8 icon is enlarged so its caption fits; a 100-megapixel photo is
-#: shrunk so the figure stays a figure). Boxes in results stay in original pixels.
-MIN_SIDE, MAX_SIDE = 224, 4096
+#: Overlays are drawn with their shorter side at least MIN_SIDE pixels, their longer side at
+#: most MAX_SIDE and at most MAX_PIXELS pixels in all (an 8x8 icon is enlarged so its caption
+#: fits; a 12-megapixel photo is drawn at 2 megapixels). MAX_PIXELS is the size of a large
+#: image's maps (``gapcam.result.MAP_PIXELS``, the same number), so its heatmap is drawn at
+#: its own resolution, never resampled: the map is a bilinear upsampling of a grid of 7 to 20
+#: cells a side, and a larger figure shows nothing more of where the network looked, at up to
+#: 7x the cost of drawing and encoding it (docs/speed.md, "Overlays"). Boxes in results stay in
+#: original pixels.
+MIN_SIDE, MAX_SIDE, MAX_PIXELS = 224, 4096, 1 << 21
 
 
 def colorize(normalized: np.ndarray, cmap: str = "jet") -> np.ndarray:
@@ -68,10 +74,15 @@ def blend(image: Image.Image, heat: np.ndarray | Image.Image, alpha: float = 0.5
 
 
 def display_scale(
-    size: tuple[int, int], min_side: int = MIN_SIDE, max_side: int = MAX_SIDE
+    size: tuple[int, int],
+    min_side: int = MIN_SIDE,
+    max_side: int = MAX_SIDE,
+    max_pixels: int = MAX_PIXELS,
 ) -> float:
     """The factor that brings an image of ``size`` (width, height) within the display bounds."""
     width, height = size
+    if width * height > max_pixels:
+        return min(math.sqrt(max_pixels / (width * height)), max_side / max(width, height))
     if max(width, height) > max_side:
         return max_side / max(width, height)
     if min(width, height) < min_side:
@@ -82,18 +93,21 @@ def display_scale(
 def fit_for_display(
     image: Image.Image, normalized: np.ndarray, boxes: Sequence[Box]
 ) -> tuple[Image.Image, np.ndarray, tuple[Box, ...]]:
-    """Image, map and boxes rescaled together by ``display_scale`` (unchanged when 1)."""
+    """Image, map and boxes rescaled together by ``display_scale`` (unchanged when 1). The map
+    may have a size of its own (a large image's, ``gapcam.result.map_size``): it is brought to
+    the figure's size, and left as it is when it has that size already."""
     scale = display_scale(image.size)
-    if scale == 1.0:
-        return image, normalized, tuple(boxes)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     method = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+    if normalized.shape != (size[1], size[0]):
+        normalized = np.asarray(
+            Image.fromarray(np.asarray(normalized, dtype=np.float32), "F").resize(size, method)
+        )
+    if scale == 1.0:
+        return image, normalized, tuple(boxes)
     sx, sy = size[0] / image.width, size[1] / image.height
-    resized_map = Image.fromarray(np.asarray(normalized, dtype=np.float32), "F").resize(
-        size, method
-    )
     scaled = tuple(Box(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.area) for b in boxes)
-    return image.resize(size, method), np.asarray(resized_map), scaled
+    return image.resize(size, method), normalized, scaled
 
 
 def _line_width(image: Image.Image) -> int:

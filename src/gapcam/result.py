@@ -80,12 +80,6 @@ class Result:
         p = class_map.prediction
         caption = f"{p.name}  {p.probability:.1%}"
         heat = self.box_maps[index] if self.box_maps else self.normalized[index]
-        width, height = self.size
-        if heat.shape != (height, width) and overlay.display_scale(self.size) == 1.0:
-            # drawn at the image's own size: the map is brought to it (else the figure's
-            # resizing takes it straight from its own size to the figure's)
-            resized = Image.fromarray(heat, "F").resize(self.size, Image.Resampling.BILINEAR)
-            heat = np.asarray(resized)
         return overlay.render(
             self.image,
             heat,

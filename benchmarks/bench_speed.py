@@ -26,6 +26,16 @@ building and ONNX export are outside the timed part. Rows, per model:
 - with ``--repeat R``: ``files->json`` again on the images repeated R times (copies in a
   temporary folder) to show that peak memory does not grow with the number of images.
 
+``--megapixels M``: instead of the dev images themselves (227 x 227), photos the size of a
+phone's: each dev image enlarged (bicubic) to M megapixels, with a little noise so that it
+holds as much detail as a JPEG of a photo (the enlarged image alone would compress to a few
+hundred KB), saved as a JPEG at quality 90. The forward rows are the same (the network sees
+224 x 224 either way); the gapcam rows then show the cost of decoding, resizing, mapping and
+drawing a large photo:
+
+    python benchmarks/bench_speed.py --models efficientnet_lite0 --limit 24 --megapixels 12 \
+        --repeat 0 --rows "onnx, 2" "files->json" "files->overlays"
+
 Ratios are to the limit and to each peer. ``CPU ms / img`` is the process's CPU time (user and
 system, all threads) over the timed run, per image, and ``cores busy`` that time over the
 run's: on a machine whose cores are all busy, a path's rate is set by its CPU time per image,
@@ -92,6 +102,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "(a slow spell of a shared machine then hits every row alike)",
     )
     p.add_argument("--rows", nargs="+", help="only rows containing one of these (default: all)")
+    p.add_argument(
+        "--megapixels",
+        type=float,
+        default=0.0,
+        help="photos of this many megapixels made from the dev images (default: the images)",
+    )
     p.add_argument(
         "--child", nargs=4, metavar=("ROW", "MODEL", "LIST", "TMP"), help=argparse.SUPPRESS
     )
@@ -303,20 +319,42 @@ def measure(
         return json.loads(lines[-1])
 
 
-def subset(data: Path, limit: int, folder: Path, repeat: int = 1) -> list[Path]:
-    """``limit`` images of ``data`` linked (or copied) into ``folder``, ``repeat`` times over."""
+def subset(
+    data: Path, limit: int, folder: Path, repeat: int = 1, megapixels: float = 0.0
+) -> list[Path]:
+    """``limit`` images of ``data`` linked (or copied) into ``folder``, ``repeat`` times over;
+    with ``megapixels``, photos of that size made from them instead (``enlarge``)."""
     sources = sorted((data / "images").iterdir())[:limit]
     folder.mkdir(parents=True)
     out = []
     for r in range(repeat):
-        for source in sources:
+        for i, source in enumerate(sources):
             target = folder / f"{r:03d}-{source.name}"
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
+            if megapixels > 0:
+                enlarge(source, target, megapixels, seed=i)
+            else:
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
             out.append(target)
     return out
+
+
+def enlarge(source: Path, target: Path, megapixels: float, seed: int) -> None:
+    """``source`` enlarged to ``megapixels`` (its aspect kept), with uniform noise of +-12
+    levels, as a JPEG of quality 90 at ``target`` (``--megapixels``)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(source) as image:
+        rgb = image.convert("RGB")
+    scale = (megapixels * 1e6 / (rgb.width * rgb.height)) ** 0.5
+    size = (round(rgb.width * scale), round(rgb.height * scale))
+    pixels = np.asarray(rgb.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    noise = np.random.default_rng(seed).integers(-12, 13, pixels.shape, dtype=np.int16)
+    photo = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+    photo.save(target, "JPEG", quality=90)
 
 
 def machine() -> str:
@@ -381,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.limit if name == "efficientnet_lite0" else min(args.limit, args.resnet_limit)
             )
             folder = Path(tmp) / f"{name}-{limit}"
-            paths = subset(data, limit, folder)
+            paths = subset(data, limit, folder, megapixels=args.megapixels)
             rows = [r for r in ROWS if not args.rows or any(part in r for part in args.rows)]
             best: dict[str, dict[str, Any]] = {}
             for round_ in range(max(1, args.rounds)):
@@ -395,11 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.repeat > 1:
             name = args.models[0]
             folder = Path(tmp) / "repeated"
-            paths = subset(data, args.limit, folder, args.repeat)
+            paths = subset(data, args.limit, folder, args.repeat, args.megapixels)
             print(f"... {name}: files->json x{args.repeat}", file=sys.stderr, flush=True)
             r = measure("gapcam files->json", name, folder, paths, args.batch, 1)
             results.append((name, f"gapcam files->json ({args.repeat}x the images)", len(paths), r))
-    print(f"machine: {machine()}; batch {args.batch}\n")
+    photos = f"; photos of {args.megapixels:g} MP (--megapixels)" if args.megapixels else ""
+    print(f"machine: {machine()}; batch {args.batch}{photos}\n")
     print(table(results))
     print("\n" + "\n".join(peers(results)))
     return 0

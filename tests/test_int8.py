@@ -272,3 +272,93 @@ def test_a_bad_calibration_image_is_named_on_one_escaped_line(
     assert "\x1b" not in err
     assert "bad\\nname\\x1b[31m.jpg: not an image file" in err
     assert not (tmp_path / "o").exists()
+
+
+@needs_int8
+def test_an_unreadable_file_among_the_first_inputs_fails_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 calibrates on the run's first images that can be read: a corrupt file first (and
+    a missing one named on the command line) is reported, and the others are localized."""
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photos(folder, 4)
+    (folder / "a-corrupt.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out.json"
+    argv = ["localize", str(folder), str(tmp_path / "gone.png"), "--precision", "int8"]
+    code = main([*argv, "--json", str(out), "--no-overlay", "-q"])
+    assert code == 1
+    document = json.loads(out.read_text())
+    assert len(document["results"]) == 4
+    assert sorted(Path(e["input"]).name for e in document["errors"]) == [
+        "a-corrupt.jpg",
+        "gone.png",
+    ]
+    assert "--calibration" not in capsys.readouterr().err
+
+
+def test_a_run_with_no_readable_image_says_how_to_calibrate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    code = main(["localize", str(tmp_path / "a.jpg"), "--precision", "int8", "-q"])
+    assert code == 2
+    assert "none of them can be read as an image; give --calibration IMAGES" in (
+        capsys.readouterr().err
+    )
+
+
+def test_calibration_takes_the_first_readable_images_and_stops_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gapcam import images
+    from gapcam.cli import options
+
+    good = [str(p) for p in photos(tmp_path, 5)]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    bad, missing = str(tmp_path / "bad.png"), str(tmp_path / "missing.jpg")
+    opened: list[str] = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p, **k: opened.append(p) or real(p, **k))
+    chosen = options.first_readable([bad, good[0], missing, *good[1:]], 3, 10**8)
+    assert chosen == good[:3]
+    assert opened == [bad, good[0], missing, good[1], good[2]]  # nothing after the third
+    assert options.first_readable([bad, missing], 3, 10**8) == []
+    # a photo over max_pixels is passed over like any file that cannot be read
+    assert options.first_readable(good[:2], 3, 160 * 120 - 1) == []
+
+
+@needs_int8
+def test_the_localizer_keeps_no_calibration_image(
+    lite0: GapModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibration images are decoded one at a time when the inputs of a size are made,
+    and let go: a Localizer does not hold 32 full-size photos for its life."""
+    import gc
+    import weakref
+
+    from gapcam import images
+
+    monkeypatch.setenv("GAPCAM_CACHE_DIR", str(tmp_path / "cache"))
+    decoded: list[weakref.ref[Image.Image]] = []
+    most_alive = 0
+    real = images.load_image
+
+    def load(source: object, **options: object) -> images.LoadedImage:
+        nonlocal most_alive
+        item = real(source, **options)  # type: ignore[arg-type]
+        gc.collect()
+        most_alive = max(most_alive, sum(ref() is not None for ref in decoded) + 1)
+        decoded.append(weakref.ref(item.image))
+        return item
+
+    monkeypatch.setattr(images, "load_image", load)
+    localizer = gapcam.Localizer(
+        lite0, backend="onnx", precision="int8", calibration=photos(tmp_path, 6)
+    )
+    gc.collect()
+    assert len(decoded) == 6  # the one size, made while the Localizer was built
+    assert most_alive == 1  # one at a time
+    assert all(ref() is None for ref in decoded)  # and none kept
+    assert localizer.backend_used[0] == "onnx"

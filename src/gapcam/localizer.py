@@ -233,19 +233,26 @@ class Localizer:
         setattr_(self, "_runner", runner)
 
     def _calibration(self) -> Callable[[tuple[int, int]], torch.Tensor] | None:
-        """The int8 calibration inputs at a size, from the ``calibration`` images (loaded once
-        here, each within ``max_pixels``), or None."""
+        """The int8 calibration inputs at a size, from the ``calibration`` images, or None.
+        The images are decoded (each within ``max_pixels``) when the inputs of a size are made,
+        one at a time, and only their copies at that size kept: the images themselves are never
+        held together, nor kept (32 photos of 12 megapixels would take 1.2 GB for the
+        Localizer's life). The first size is made while the Localizer is built, so a bad image
+        stops it there."""
         if self.calibration is None or self.precision != "int8":
             return None
-        try:
-            loaded = [images.load_image(s, max_pixels=self.max_pixels) for s in self.calibration]
-        except GapcamError as exc:  # say which argument the bad image came from
-            raise GapcamError(f"calibration= image {exc}") from exc
-        base = self.preprocess
+        sources, base, max_pixels = self.calibration, self.preprocess, self.max_pixels
 
         def inputs(size: tuple[int, int]) -> torch.Tensor:
             preprocess = base.replace(size=size)
-            arrays = [images.resize_for_model(item.image, preprocess) for item in loaded]
+            arrays = []
+            for source in sources:
+                try:
+                    item = images.load_image(source, max_pixels=max_pixels)
+                except GapcamError as exc:  # say which argument the bad image came from
+                    raise GapcamError(f"calibration= image {exc}") from exc
+                arrays.append(images.resize_for_model(item.image, preprocess))
+                del item  # before the next one is decoded
             return images.to_tensor(arrays, preprocess)
 
         return inputs

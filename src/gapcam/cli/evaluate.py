@@ -96,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if calibrate:
         from gapcam.quantize import CALIBRATION_IMAGES
 
-        first = [str(sample.path) for sample in dataset.samples[:CALIBRATION_IMAGES]]
+        paths = [str(sample.path) for sample in dataset.samples]
+        first = options.first_readable(paths, CALIBRATION_IMAGES, localizer.max_pixels)
+        if not first:
+            raise GapcamError(options.NO_CALIBRATION)
         localizer = dataclasses.replace(localizer, precision="int8", calibration=first)
     progress = progress_bar(len(dataset.samples), quiet=args.quiet)
     try:

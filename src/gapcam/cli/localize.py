@@ -448,7 +448,10 @@ def _localizer(args: argparse.Namespace, inputs: list[Path]) -> Localizer:
     settings = options.localizer_options(args)
     if args.precision == "int8" and "calibration" not in settings and inputs:
         # static quantization calibrates on the run's own first images (docs/speed.md)
-        settings["calibration"] = [str(path) for path in inputs[:CALIBRATION_IMAGES]]
+        first = [str(path) for path in inputs]
+        settings["calibration"] = options.first_readable(first, CALIBRATION_IMAGES, args.max_pixels)
+        if not settings["calibration"]:
+            raise GapcamError(options.NO_CALIBRATION)
     localizer = Localizer.from_options(settings)
     backend = localizer.backend_used[0]
     if args.streams and backend != "onnx":

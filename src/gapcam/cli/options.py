@@ -228,6 +228,32 @@ def calibration_paths(arguments: Sequence[str]) -> list[str]:
     return [str(path) for path, _ in found[:MAX_CALIBRATION]]
 
 
+def first_readable(paths: Iterable[str], count: int, max_pixels: int) -> list[str]:
+    """The first ``count`` of ``paths`` that load as images within ``max_pixels``: the
+    calibration of ``--precision int8`` without ``--calibration``, taken from the command's own
+    images. A file that cannot be read (missing, corrupt, not an image) is passed over here and
+    reported when the command reaches it, as without int8; each is decoded and let go at once."""
+    from gapcam.images import load_image
+
+    chosen: list[str] = []
+    for path in paths:
+        if len(chosen) == count:
+            break
+        try:
+            load_image(path, max_pixels=max_pixels)
+        except GapcamError:
+            continue
+        chosen.append(path)
+    return chosen
+
+
+#: what ``--precision int8`` says when none of the command's images can calibrate it
+NO_CALIBRATION = (
+    "--precision int8 calibrates on the first images of the run, and none of them can be read "
+    "as an image; give --calibration IMAGES"
+)
+
+
 def _streams(args: argparse.Namespace) -> int:
     """``--streams``, else 2 on a multi-core machine for the pipeline (1 with ``--workers 0``,
     the plain sequential loop)."""

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,3 +256,35 @@ def test_a_staging_folder_that_comes_back_is_removed_again(
     ray_engine.remove_settled(staging)
     writer.join()
     assert not staging.exists()
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_run_whose_folder_a_stop_removed_never_becomes_out(
+    source: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C where a ray:// command was typed removes the run's staging folder; a driver that
+    goes on regardless (its overlays then fail as gone) has its Parquet write make the folder
+    again. That folder, without the mark its run made first, is removed, never renamed to OUT."""
+    import shutil
+
+    from gapcam import ray_engine
+
+    real = ray_engine.localize_dataset
+
+    def stopped_meanwhile(paths: list[str], options: dict[str, Any], **kwargs: Any) -> Any:
+        rows = real(paths, options, **kwargs).materialize()  # the run's work, done
+        shutil.rmtree(Path(options["overlays"]).parent)  # as the stopped client removes it
+        return rows
+
+    monkeypatch.setattr(ray_engine, "localize_dataset", stopped_meanwhile)
+    monkeypatch.setattr(ray_engine, "SETTLE_SECONDS", 0.5)
+    out = tmp_path / "out"
+    args = ["localize", "--engine", "ray", str(source), "--out", str(out), "--backend", "eager"]
+    code = cli.main([*args, "-q"])
+    assert code != 0
+    assert "the run was stopped; nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -333,6 +333,7 @@ def _drive(
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        (staging / STAGING_MARK).touch()  # gone when a stopped run's folder was removed
         if outputs.overlay:
             (staging / "overlays").mkdir()  # made here only: the actors never make it
         options = {
@@ -347,6 +348,11 @@ def _drive(
         # writing Parquet takes no CPU slot: every CPU of a small cluster runs an actor
         rows.write_parquet(str(staging / "parquet"), ray_remote_args={"num_cpus": 0})
         errors, nodes = _tally(staging / "parquet", len(paths))
+        if not (staging / STAGING_MARK).is_file():
+            # the run was stopped (Ctrl-C where a ray:// command was typed) and its folder
+            # removed, but this driver went on: a write made the folder again, without it
+            raise GapcamError(f"{out}: the run was stopped; nothing was written")
+        (staging / STAGING_MARK).unlink()
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -355,6 +361,10 @@ def _drive(
         raise
     return RayRun(len(paths) - errors, errors + len(problems), out, nodes)
 
+
+#: A file in each staging folder from its start until it is renamed to OUT: a folder without it
+#: was removed by a stop and made again by a write still on its way, and is never renamed.
+STAGING_MARK = ".gapcam-staging"
 
 #: ``remove_settled``: a folder counts as gone once it stayed away this long (seconds), and
 #: is watched this long at most
@@ -455,6 +465,10 @@ def _run_through_client(
         # Ray Client prints what the cluster's processes print; their messages about the
         # stopped job (tracebacks of its cancelled tasks) are not the user's: not shown
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            # first its mark (where OUT's folder is visible here): a driver that went on
+            # regardless never renames the folder to OUT, however soon it would finish
+            with contextlib.suppress(OSError):
+                (out.parent / staging_name / STAGING_MARK).unlink()
             ray.cancel(running)  # clean-up stops the actors and removes the staging folder
             ended, _ = ray.wait([running], timeout=CANCEL_WAIT)
             for task_ref in ended:  # its error is taken here, not printed at exit as unhandled

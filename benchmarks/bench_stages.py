@@ -10,8 +10,9 @@ passes counts. It prints wall and CPU milliseconds per image, then the *ceilings
 each path of ``benchmarks/bench_speed.py`` could reach, as a ratio to the float32 forward pass
 alone, if the pipeline had no cost of its own (no threads handing work on, no GIL, no
 scheduling): the network's CPU time over the network's and the path's stages' together (CPU
-time, as the pipeline's writers wait for the disk while the other threads work). A path cannot beat its
-ceiling on any number of cores, since its stages take the same cores as the forward pass.
+time, as the pipeline's writers wait for the disk while the other threads work). A path
+cannot beat its ceiling on any number of cores, since its stages take the same cores as the
+forward pass.
 
 Two rows time the fastest other libraries known for the two largest stages, which gapcam does
 not use (docs/speed.md, "Where the time goes"): torchvision's JPEG decoder (the same pixels as

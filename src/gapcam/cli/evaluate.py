@@ -94,12 +94,8 @@ def run(args: argparse.Namespace) -> int:
     )
     check_class_table(dataset, localizer.gap_model)
     if calibrate:
-        from gapcam.quantize import CALIBRATION_IMAGES
-
-        paths = [str(sample.path) for sample in dataset.samples]
-        first = options.first_readable(paths, CALIBRATION_IMAGES, localizer.max_pixels)
-        if not first:
-            raise GapcamError(options.NO_CALIBRATION)
+        paths = (str(sample.path) for sample in dataset.samples)
+        first = options.own_calibration(paths, localizer.max_pixels)
         localizer = dataclasses.replace(localizer, precision="int8", calibration=first)
     progress = progress_bar(len(dataset.samples), quiet=args.quiet)
     try:

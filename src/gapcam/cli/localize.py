@@ -443,15 +443,12 @@ def _outputs(args: argparse.Namespace) -> Outputs:
 
 def _localizer(args: argparse.Namespace, inputs: list[Path]) -> Localizer:
     from gapcam.localizer import Localizer
-    from gapcam.quantize import CALIBRATION_IMAGES
 
     settings = options.localizer_options(args)
     if args.precision == "int8" and "calibration" not in settings and inputs:
         # static quantization calibrates on the run's own first images (docs/speed.md)
-        first = [str(path) for path in inputs]
-        settings["calibration"] = options.first_readable(first, CALIBRATION_IMAGES, args.max_pixels)
-        if not settings["calibration"]:
-            raise GapcamError(options.NO_CALIBRATION)
+        first = (str(path) for path in inputs)  # read as far as needed, not all listed
+        settings["calibration"] = options.own_calibration(first, args.max_pixels)
     localizer = Localizer.from_options(settings)
     backend = localizer.backend_used[0]
     if args.streams and backend != "onnx":

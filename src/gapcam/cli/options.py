@@ -254,6 +254,18 @@ NO_CALIBRATION = (
 )
 
 
+def own_calibration(paths: Iterable[str], max_pixels: int) -> list[str]:
+    """The calibration of ``--precision int8`` without ``--calibration``: the first
+    ``gapcam.quantize.CALIBRATION_IMAGES`` of the command's own images that can be read
+    (``first_readable``); ``GapcamError`` (``NO_CALIBRATION``) when none can."""
+    from gapcam.quantize import CALIBRATION_IMAGES
+
+    chosen = first_readable(paths, CALIBRATION_IMAGES, max_pixels)
+    if not chosen:
+        raise GapcamError(NO_CALIBRATION)
+    return chosen
+
+
 def _streams(args: argparse.Namespace) -> int:
     """``--streams``, else 2 on a multi-core machine for the pipeline (1 with ``--workers 0``,
     the plain sequential loop)."""

@@ -6,11 +6,13 @@ correct result or one line, and nothing half-written is ever left.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -23,7 +25,7 @@ import pytest
 import videoclips
 from PIL import Image
 
-from gapcam import video
+from gapcam import clips, video
 from gapcam.boxes import box_iou
 from gapcam.errors import GapcamError, VideoError
 from gapcam.localizer import Localizer
@@ -218,6 +220,35 @@ def test_an_interrupted_write_leaves_nothing(
     assert (tmp_path / "taken.mp4").read_bytes() == b"mine"
 
 
+def test_a_decoder_closed_on_its_own_thread_ends_without_waiting_for_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A clip's frames left unfinished may be closed by the garbage collector on whatever thread
+    # it runs, the decoding thread included: CI once saw "cannot join current thread" that way.
+    taken, errors, decoder, thread = threading.Event(), [], [], []
+
+    def frames(source: object, label: str, max_pixels: int) -> Iterator[int]:
+        thread.append(threading.current_thread())
+        yield 0
+        assert taken.wait(10)
+        try:
+            decoder[0].close()  # as the garbage collector would, on this thread
+        except BaseException as exc:
+            errors.append(exc)
+        yield 1
+
+    monkeypatch.setattr(clips, "_frames", frames)
+    frames_of = clips.decode("clip.mp4", max_pixels=1, queue_size=1)
+    decoder.append(frames_of)
+    assert next(frames_of) == 0
+    taken.set()
+    thread[0].join(10)
+    assert not thread[0].is_alive(), "the decoding thread never ended"
+    assert errors == []
+    with pytest.raises(StopIteration):
+        next(frames_of)
+
+
 def test_a_file_object_reads_as_its_path_and_the_source_is_never_written_over(
     localizer: Localizer, moving: tuple[Path, list[videoclips.Box]], tmp_path: Path
 ) -> None:
@@ -246,6 +277,24 @@ def test_rotation_metadata_gives_upright_frames(localizer: Localizer, clip_dir: 
     assert shown[-20, 20, 0] > 200
     assert shown[-20, 20, 1] < 60
     assert shown[20, 20, 0] < 200 or shown[20, 20, 1] > 60
+
+
+@pytest.mark.parametrize("classes", [[EGYPTIAN_CAT], None], ids=["one-pass", "two-passes"])
+def test_an_unfinished_clip_dropped_ends_its_threads_at_once(
+    localizer: Localizer, moving: tuple[Path, list[videoclips.Box]], classes: list[int] | None
+) -> None:
+    # nothing waits for the garbage collector, which may run on any thread (the decoder's own)
+    path, _ = moving
+    before = set(threading.enumerate())
+    gc.disable()
+    try:
+        clip = localizer.video(path, classes=classes)
+        assert next(clip).index == 0
+        assert set(threading.enumerate()) - before  # the decoder is running ahead
+        del clip
+        assert set(threading.enumerate()) - before == set()
+    finally:
+        gc.enable()
 
 
 def test_json_stream_of_a_video_entry_is_the_same_bytes(tmp_path: Path) -> None:

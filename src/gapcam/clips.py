@@ -202,7 +202,11 @@ def decode(
             yield item
     finally:
         stop.set()
-        thread.join()
+        # A generator left unfinished may be closed by the garbage collector on any thread,
+        # this one's decoder included, which must not wait for itself; told to stop, it ends
+        # at its next frame.
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 def _frames(source: Any, label: str, max_pixels: int) -> Iterator[Frame]:

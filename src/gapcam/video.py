@@ -139,9 +139,80 @@ def check_options(fps: float | None, smooth: float) -> None:
 
 class VideoFrames(Iterator[FrameResult]):
     """The frames of one video as ``FrameResult``s, made as they are asked for
-    (``Localizer.video``). ``classes`` holds the clip's mapped classes once known (at the
-    first frame), ``mean_probability`` each one's mean probability over the analysed frames
-    once the last frame is out, ``analysed`` how many frames the network saw."""
+    (``Localizer.video``; keywords ``classes``, ``top_k``, ``fps``, ``smooth``,
+    ``sampled_only``, ``predictions``, ``batch_size``, ``memory_budget``, ``name``,
+    ``on_frames``). ``classes`` holds the clip's mapped classes once known (at the first
+    frame), ``mean_probability`` each one's mean probability over the analysed frames once the
+    last frame is out, ``analysed`` how many frames the network saw.
+
+    The work and its state are a ``_Clip`` that never refers back to this object: dropping an
+    unfinished ``VideoFrames`` closes its frames at once (the decoding thread, the first
+    pass's file, the thread pools), not at the garbage collector's next pass, which may run on
+    any thread."""
+
+    def __init__(self, localizer: _Localizer, source: Any, **options: Any) -> None:
+        self._clip = _Clip(localizer, source, **options)
+        self._frames = self._clip.run()
+
+    @property
+    def localizer(self) -> _Localizer:
+        return self._clip.localizer
+
+    @property
+    def source(self) -> Any:
+        return self._clip.source
+
+    @property
+    def label(self) -> str:
+        return self._clip.label
+
+    @property
+    def info(self) -> clips.ClipInfo:
+        return self._clip.info
+
+    @property
+    def batch_size(self) -> int:
+        return self._clip.batch_size
+
+    @property
+    def classes(self) -> list[int] | None:
+        return self._clip.classes
+
+    @property
+    def mean_probability(self) -> dict[int, float]:
+        return self._clip.mean_probability
+
+    @property
+    def analysed(self) -> int:
+        return self._clip.analysed
+
+    def __next__(self) -> FrameResult:
+        return next(self._frames)
+
+    def __repr__(self) -> str:
+        info = self.info
+        rate = f", {info.rate:.3g} fps" if info.rate else ""
+        count = f", {info.frames} frames" if info.frames else ""
+        return f"VideoFrames({self.label!r}, {info.width}x{info.height}{count}{rate})"
+
+    def _repr_png_(self) -> bytes | None:
+        """In a notebook, a clip shows itself as a strip of five frames (``strip``) from a run
+        of its own over the same file with the same settings, so this iterator is left as it
+        was. A clip given as a file object shows as text (it cannot be read twice safely)."""
+        if not isinstance(self.source, (str, Path)):
+            return None
+        again = VideoFrames(self.localizer, self.source, **self._clip.options)
+        try:
+            return encode_image(strip(again), "png")
+        finally:
+            again.close()
+
+    def close(self) -> None:
+        self._frames.close()
+
+
+class _Clip:
+    """One ``VideoFrames``'s settings, state and work: ``run`` makes its frames."""
 
     def __init__(
         self,
@@ -160,7 +231,7 @@ class VideoFrames(Iterator[FrameResult]):
         on_frames: Callable[[str, int, int], None] | None = None,
     ) -> None:
         check_options(fps, smooth)
-        self._options: dict[str, Any] = {
+        self.options: dict[str, Any] = {
             "classes": classes, "top_k": top_k, "fps": fps, "smooth": smooth,
             "sampled_only": sampled_only, "predictions": predictions, "batch_size": batch_size,
             "memory_budget": memory_budget, "name": name,
@@ -179,31 +250,6 @@ class VideoFrames(Iterator[FrameResult]):
         self.classes: list[int] | None = self.wanted
         self.mean_probability: dict[int, float] = {}
         self.analysed = 0
-        self._frames = self._run()
-
-    def __next__(self) -> FrameResult:
-        return next(self._frames)
-
-    def __repr__(self) -> str:
-        info = self.info
-        rate = f", {info.rate:.3g} fps" if info.rate else ""
-        count = f", {info.frames} frames" if info.frames else ""
-        return f"VideoFrames({self.label!r}, {info.width}x{info.height}{count}{rate})"
-
-    def _repr_png_(self) -> bytes | None:
-        """In a notebook, a clip shows itself as a strip of five frames (``strip``) from a run
-        of its own over the same file with the same settings, so this iterator is left as it
-        was. A clip given as a file object shows as text (it cannot be read twice safely)."""
-        if not isinstance(self.source, (str, Path)):
-            return None
-        again = VideoFrames(self.localizer, self.source, **self._options)
-        try:
-            return encode_image(strip(again), "png")
-        finally:
-            again.close()
-
-    def close(self) -> None:
-        self._frames.close()
 
     def _decode(self) -> Iterator[list[clips.Frame]]:
         if hasattr(self.source, "seek"):
@@ -243,7 +289,7 @@ class VideoFrames(Iterator[FrameResult]):
             ]
             yield _Batch(chunk, pictures, taken, loaded)
 
-    def _run(self) -> Generator[FrameResult, None, None]:
+    def run(self) -> Generator[FrameResult, None, None]:
         if self.wanted is not None:
             yield from self._draw(_NetworkScores(self.localizer, self.wanted))
             return

@@ -71,9 +71,11 @@ def many_photos(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def gapcam(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def gapcam(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "gapcam", "localize", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=500)
 
 
 COMMON = ["--backend", "eager", "--top-k", "2", "--no-overlay", "-q"]
@@ -108,12 +110,15 @@ def test_the_documented_command_runs_on_both_nodes_and_equals_the_local_engine(
     tmp_path: Path,
 ) -> None:
     """From outside the cluster (ray://, the driver runs on the head) and from a node of it
-    (the GCS address, the driver is the command)."""
+    (the GCS address, the driver is the command), with paths typed relative to the folder the
+    command runs in: the cluster's processes run in folders of Ray's."""
     address = cluster.address if where == "ray://" else f"127.0.0.1:{cluster.gcs_port}"
     out = tmp_path / "out"
-    args = [str(photos), "--out", str(out), "--ray-address", address, *COMMON]
+    here = photos.parent
+    relative = [photos.name, "--out", os.path.relpath(out, here)]
+    args = [*relative, "--ray-address", address, *COMMON]
     started = time.monotonic()
-    done = gapcam("--engine", "ray", *args, "--batch-size", "2", env=cluster.env)
+    done = gapcam("--engine", "ray", *args, "--batch-size", "2", env=cluster.env, cwd=here)
     seconds = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(out / "parquet").to_pylist()

@@ -293,6 +293,8 @@ def run(
         "batch_size": batch_size,
     }
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # a cluster's workers do not run in this folder
+        job = _absolute_paths(job)
     if address and address.startswith("ray://"):
         return _run_through_client(address, job, quiet=quiet, on_error=on_error)
     check_out(outputs.folder, overwrite)  # before Ray starts
@@ -448,7 +450,6 @@ def _run_through_client(
 
     import gapcam
 
-    job = _absolute_paths(job)
     out: Path = job["outputs"].folder
     check_out(out, job["overwrite"])  # when OUT is visible here too: before connecting
     _connect(address)
@@ -506,8 +507,8 @@ HEAD_RESOURCE = "node:__internal_head__"
 
 
 def _absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
-    """``job`` with every local path absolute, as the driver task on the cluster must see it
-    (its working folder is not this one)."""
+    """``job`` with every local path absolute, as the cluster's processes must see it (the
+    ``ray://`` driver task and every actor run in folders of Ray's, not this one)."""
 
     def absolute(path: str) -> str:
         return path if "://" in path else str(Path(path).absolute())

@@ -209,8 +209,10 @@ def test_skip_invalid_leaves_images_out_and_says_so(tmp_path: Path) -> None:
 
 def test_nothing_left(tmp_path: Path) -> None:
     data = wsol(tmp_path, class_labels=("images/a.png,9", "images/b.png,9"))
-    with pytest.raises(DatasetError, match="no image left"):
+    with pytest.raises(DatasetError, match="no image left") as caught:
         load_dataset(data, resolve, skip_invalid=True)
+    assert caught.value.message == f"{data}: no image left to evaluate"
+    assert [d.split(": ")[1] for d in caught.value.details] == ["images/a.png", "images/b.png"]
 
 
 def test_missing_metadata_file_and_splits(tmp_path: Path) -> None:

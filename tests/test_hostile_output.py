@@ -606,6 +606,7 @@ def test_evaluate_prints_hostile_paths_and_labels_on_safe_lines(
         writer.writerow([hostile, "square", 500, 0, 510, 10])  # a box outside the image
         writer.writerow(["a.png", "two\nlines" + ESCAPES, 2, 2, 20, 20])  # unknown labels
         writer.writerow(["b.png", "L" * 100_000, 2, 2, 20, 20])
+        writer.writerow(["../good.png", "circle", 2, 2, 20, 20])  # outside the CSV's folder
     done = subprocess.run(
         [*CLI, "evaluate", str(data / "boxes.csv"), "--checkpoint", str(run), "--skip-invalid",
          "--json", str(tmp_path / f"r{ESCAPES}.json"), "-q"],
@@ -616,12 +617,34 @@ def test_evaluate_prints_hostile_paths_and_labels_on_safe_lines(
     lines = done.stdout.splitlines()
     start = lines.index(next(x for x in lines if "LEFT OUT" in x)) + 1
     left_out = lines[start:-1]  # the problems, then the json line
-    assert len(left_out) == 3
+    assert len(left_out) == 4
     for line in left_out:
         assert_one_safe_line(line)
+    outside = [line for line in left_out if "../good.png" in line]
+    assert outside[0].endswith("or pass --images a folder holding them)")  # the flag, as typed
     assert lines[-1] == f"json: {tmp_path}/r\\x1b]0;TITLE\\x07\\x1b[31m.json"
     assert (tmp_path / f"r{ESCAPES}.json").exists()
     assert done.stderr == ""
+
+    with (data / "bad.csv").open("w", newline="") as stream:  # nothing left: one line each
+        writer = csv.writer(stream)
+        writer.writerow(["path", "label", "x0", "y0", "x1", "y1"])
+        writer.writerow(["a.png", "two\nlines" + ESCAPES, 2, 2, 20, 20])
+        writer.writerow(["../good.png", "circle", 2, 2, 20, 20])
+    done = subprocess.run(
+        [*CLI, "evaluate", str(data / "bad.csv"), "--checkpoint", str(run), "--skip-invalid"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"gapcam: error: {data / 'bad.csv'}: no image left to evaluate"
+    assert len(lines) == 3
+    problems = sorted(lines[1:])
+    assert problems[0].startswith(f"  {data / 'bad.csv'}:2: a.png: ")
+    assert problems[1].startswith(f"  {data / 'bad.csv'}:3: ../good.png: ")
+    assert problems[1].endswith("or pass --images a folder holding them)")
+    for line in lines:
+        assert_one_safe_line(line)
 
 
 # -- the Ray engine's lists of images ----------------------------------------------------------------

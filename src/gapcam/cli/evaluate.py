@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     report["settings"]["weights"] = args.weights
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(format_table(report), file=out)
+    print(format_table(report, lambda m: options.flag_message(m, args.flags)), file=out)
     if args.plot:
         try:
             figure = box_accuracy_curve(report)

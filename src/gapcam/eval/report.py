@@ -6,6 +6,7 @@ met in annotation files, which quote their paths and labels) is shown through ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gapcam.console import safe_text
@@ -19,8 +20,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:6.2f}%"
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """The human summary of a report: a few aligned lines."""
+def format_table(report: dict[str, Any], speak: Callable[[str], str] = str) -> str:
+    """The human summary of a report: a few aligned lines. ``speak`` words the problems left
+    out (``--skip-invalid``) for the reader: the command line names its flags there."""
     data, settings, m = report["dataset"], report["settings"], report["metrics"]
     size = "x".join(str(s) for s in settings["input_size"])
     views = "".join(
@@ -57,7 +59,7 @@ def format_table(report: dict[str, Any]) -> str:
     )
     if data["skipped"]:
         lines.append(f"  LEFT OUT (--skip-invalid), {len(data['skipped'])} problem(s):")
-        lines += [f"    {_bounded(message, PROBLEM_ROOM)}" for message in data["skipped"]]
+        lines += [f"    {_bounded(speak(message), PROBLEM_ROOM)}" for message in data["skipped"]]
     return "\n".join(lines)
 
 

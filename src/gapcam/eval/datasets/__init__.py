@@ -36,7 +36,6 @@ from pathlib import Path
 from gapcam.console import safe_text
 from gapcam.errors import DatasetError
 from gapcam.eval.datasets.core import (
-    MAX_LISTED,
     Dataset,
     Entry,
     Problems,
@@ -86,8 +85,9 @@ def load_dataset(
         raise problems.error(source)
     samples = tuple(s for image, s in checked if s is not None and image not in problems.images)
     if not samples:
-        listed = "".join(f"\n  {m}" for m in problems.messages[:MAX_LISTED])
-        raise DatasetError(f"{safe_text(source)}: no image left to evaluate{listed}")
+        raise DatasetError(
+            f"{safe_text(source)}: no image left to evaluate", details=problems.listed()
+        )
     return Dataset(source, chosen, samples, tuple(problems.messages), table)
 
 

@@ -105,16 +105,19 @@ class Problems:
         self.images &= images
 
     def error(self, source: Path) -> DatasetError:
-        """What to do, with the problems (the first ``MAX_LISTED``, one printable line each)
-        as its ``details``."""
-        extra = len(self.messages) - MAX_LISTED
-        more = [f"... and {extra} more"] if extra > 0 else []
+        """What to do, with the problems as its ``details`` (``listed``)."""
         summary = (
             f"{safe_text(source)}: {len(self.messages)} problem(s) in the annotations; no metric "
             "is reported over silently dropped images: fix them, or pass skip_invalid=True to "
             "leave the affected images out (the results then list them)"
         )
-        return DatasetError(summary, details=(*self.messages[:MAX_LISTED], *more))
+        return DatasetError(summary, details=self.listed())
+
+    def listed(self) -> tuple[str, ...]:
+        """The first ``MAX_LISTED`` problems, one printable line each, and how many more."""
+        extra = len(self.messages) - MAX_LISTED
+        more = [f"... and {extra} more"] if extra > 0 else []
+        return (*self.messages[:MAX_LISTED], *more)
 
 
 def read_text(path: Path, limit: int = MAX_ANNOTATION_BYTES) -> str:

@@ -5,6 +5,7 @@ synthetic data with known answers, the command line, and the ILSVRC dev set as a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,14 @@ def gapcam(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+def documented_keys(part: str) -> set[str]:
+    """The keys docs/evaluate.md's "Outputs" lists for ``part`` of the --json report."""
+    block = (ROOT / "docs" / "evaluate.md").read_text().split("## Outputs", 1)[1].split("```")[1]
+    listed = re.search(rf'"{part}": {{(.*?)}}', block, re.S)
+    assert listed is not None, part
+    return set(re.findall(r'"(\w+)"', listed[1]))
+
+
 def test_cli_evaluate_table_json_plot_and_skipped(tmp_path: Path) -> None:
     data = examples_csv(tmp_path, extra=f"{EXAMPLES / 'cat.png'},tabby,500,0,510,10")
     done = gapcam(
@@ -281,6 +290,8 @@ def test_cli_evaluate_table_json_plot_and_skipped(tmp_path: Path) -> None:
     assert report["dataset"]["images"] == 1  # the cat image had the bad box: left out
     assert report["dataset"]["skipped"][0].startswith(f"{data}:4: ")
     assert report["metrics"]["top5_cls"] == 100.0  # a cup (top-1 may say espresso)
+    for part in ("dataset", "settings", "timing"):  # as docs/evaluate.md lists them
+        assert set(report[part]) == documented_keys(part), part
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
     again = gapcam(
         "evaluate", str(data), "--skip-invalid", "--json", str(tmp_path / "r.json"),

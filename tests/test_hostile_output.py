@@ -299,6 +299,82 @@ def test_overlay_names_never_leave_the_folder_nor_overflow(name: str, tmp_path: 
     assert len(list(tmp_path.iterdir())) == 2
 
 
+# -- outputs that would replace the inputs, or each other -----------------------------------------
+
+
+def _boxes_csv(folder: Path) -> Path:
+    """A CSV dataset of the two examples, beside them in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("cat.png", "coffee.jpg"):
+        (folder / name).write_bytes((EXAMPLES / name).read_bytes())
+    data = folder / "boxes.csv"
+    data.write_text(
+        "path,label,x0,y0,x1,y1\ncat.png,285,36,0,410,300\ncoffee.jpg,967,77,0,483,354\n"
+    )
+    return data
+
+
+@pytest.mark.parametrize(
+    ("json_to", "plot_to", "said"),
+    [
+        ("d/boxes.csv", None, "d/boxes.csv: is one of the inputs; refusing to overwrite it"),
+        ("r.json", "d/cat.png", "d/cat.png: is one of the inputs; refusing to overwrite it"),
+        (
+            "same.out",
+            "same.out",
+            "same.out: another output of this run has this name; choose another name",
+        ),
+        ("d", None, "d: is a folder; give a file name"),
+    ],
+)
+def test_evaluate_writes_over_neither_its_dataset_nor_its_other_output(
+    json_to: str, plot_to: str | None, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    data = _boxes_csv(tmp_path / "d")
+    before = {p.name: p.read_bytes() for p in data.parent.iterdir()}
+    argv = ["evaluate", "d/boxes.csv", "-q", "--overwrite", "--json", json_to]
+    assert cli.main([*argv, *(["--plot", plot_to] if plot_to else [])]) == 2
+    assert capsys.readouterr().err == f"gapcam: error: {said}\n"
+    assert {p.name: p.read_bytes() for p in data.parent.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_localize_json_named_as_an_overlay_fails_that_overlay_not_the_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["localize", str(EXAMPLES / "cat.png"), "--out", str(out), "-q", "--overwrite"]
+    assert cli.main([*argv, "--json", str(out / "cat.cam.png")]) == 1
+    said = capsys.readouterr().err
+    assert f"{out / 'cat.cam.png'}: another output of this run has this name" in said
+    document = json.loads((out / "cat.cam.png").read_text())
+    assert document["errors"][0]["input"] == str(EXAMPLES / "cat.png")
+    assert cli.main([*argv, "--json", str(out)]) == 2  # a folder, refused before any work
+    assert capsys.readouterr().err == f"gapcam: error: {out}: is a folder; give a file name\n"
+
+
+def test_localize_out_as_an_input_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    _boxes_csv(photos)
+    (photos / "sub").mkdir()
+    (photos / "sub" / "mine.png").write_bytes((EXAMPLES / "cat.png").read_bytes())
+    before = sorted(p.name for p in photos.rglob("*"))
+    assert cli.main(["localize", str(photos), "--out", str(photos), "-q"]) == 2  # refused
+    err = capsys.readouterr().err
+    assert err.startswith(f"gapcam: error: --out {photos}: is the input folder {photos}; ")
+    assert sorted(p.name for p in photos.rglob("*")) == before
+    # a folder inside it is the output folder: its files are not inputs, and it says so
+    out = photos / "sub"
+    assert cli.main(["localize", str(photos), "--out", str(out), "--no-overlay"]) == 0
+    err = capsys.readouterr().err
+    assert f"gapcam: note: {out} is the output folder (--out): its files are not read" in err
+    assert "gapcam: 2 of 2 inputs done, 0 failed" in err
+
+
 # -- JSON streams on a full disk -------------------------------------------------------------------
 
 

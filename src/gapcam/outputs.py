@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,13 +42,30 @@ class OutputGuard:
     def __init__(self, inputs: Iterable[Path] = (), overwrite: bool = False) -> None:
         self.protected = {_identity(p) for p in inputs if p.exists()}
         self.overwrite = overwrite
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
 
     def protect(self, path: Path) -> None:
         """Add ``path`` to the inputs (a video whose frames arrive one by one)."""
         if path.exists():
             self.protected.add(_identity(path))
 
+    def claim(self, target: Path) -> None:
+        """``check`` ``target`` and keep its name for one output of this run: another output
+        of the run with the same name is refused (it would replace the first, even with
+        ``overwrite``)."""
+        key = str(target.parent.resolve() / target.name)
+        with self._lock:
+            if key in self._claimed:
+                raise OutputError(
+                    f"{target}: another output of this run has this name; choose another name"
+                )
+            self.check(target)
+            self._claimed.add(key)
+
     def check(self, target: Path) -> None:
+        if target.is_dir():
+            raise OutputError(f"{target}: is a folder; give a file name")
         if target.exists() and _identity(target) in self.protected:
             raise OutputError(f"{target}: is one of the inputs; refusing to overwrite it")
         if target.exists() and not self.overwrite:
@@ -56,8 +74,13 @@ class OutputGuard:
             )
         check_folder(target.parent)
 
-    def write_bytes(self, target: Path, data: bytes) -> Path:
-        self.check(target)
+    def write_bytes(self, target: Path, data: bytes, *, claimed: bool = False) -> Path:
+        """``data`` written atomically at ``target``, whose name is claimed here unless the
+        caller ``claimed`` it already (before the run's work)."""
+        if claimed:
+            self.check(target)
+        else:
+            self.claim(target)
         return atomic_write(target, data, overwrite=self.overwrite)
 
     @contextlib.contextmanager
@@ -66,7 +89,7 @@ class OutputGuard:
         (PyAV's muxer writing a video): on leaving the block without an error the finished file
         is moved to ``target`` (as ``atomic_write`` does, with the same checks); on an error or
         an interruption it is removed, so no partial output is ever left."""
-        self.check(target)
+        self.claim(target)
         temp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -259,13 +282,15 @@ def encode_json(document: Any) -> bytes:
     return _utf8(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_json(document: Any, destination: str, guard: OutputGuard) -> None:
+def write_json(
+    document: Any, destination: str, guard: OutputGuard, *, claimed: bool = False
+) -> None:
     """Write JSON to a file (atomically) or to standard output for ``-``."""
     if destination == "-":
         sys.stdout.write(encode_json(document).decode("utf-8"))
         sys.stdout.flush()
         return
-    guard.write_bytes(Path(destination), encode_json(document))
+    guard.write_bytes(Path(destination), encode_json(document), claimed=claimed)
 
 
 class JsonStream:
@@ -282,7 +307,7 @@ class JsonStream:
         self.temp: Path | None = None
         self.stream: Any = None
         if self.target is not None:
-            guard.check(self.target)
+            guard.claim(self.target)  # no other output of the run may take its name
         try:
             if self.target is None:
                 self.stream = tempfile.TemporaryFile()  # noqa: SIM115  # closed by close/abort

@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from gapcam.plots import box_accuracy_curve
 
     guard = OutputGuard((), overwrite=args.overwrite)
-    for target in (args.json, args.plot):
-        if target and target != "-":
-            guard.check(Path(target))  # before minutes of work, not after
+    targets = [Path(t) for t in (args.json, args.plot) if t and t != "-"]
+    for target in targets:
+        guard.claim(target)  # before minutes of work, not after (and not both one file)
     settings = options.localizer_options(args)
     calibrate = settings.get("precision") == "int8" and "calibration" not in settings
     if calibrate:  # int8 calibrates on the first images of DATA, known once it is read
@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         skip_invalid=args.skip_invalid,
     )
     check_class_table(dataset, localizer.gap_model)
+    for path in dataset.input_files():  # never written over, even with --overwrite
+        guard.protect(path)
+    for target in targets:
+        guard.check(target)
     if calibrate:
         paths = (str(sample.path) for sample in dataset.samples)
         first = options.own_calibration(paths, localizer.max_pixels)
@@ -110,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
             figure = box_accuracy_curve(report)
         except ValueError as exc:
             raise GapcamError(f"--plot: {exc}") from exc
-        guard.write_bytes(Path(args.plot), figure)
+        guard.write_bytes(Path(args.plot), figure, claimed=True)
         print(f"plot: {safe_text(args.plot, PATH_LIMIT)}", file=out)
     if args.json:
-        write_json(report, args.json, guard)
+        write_json(report, args.json, guard, claimed=True)
         if args.json != "-":
             print(f"json: {safe_text(args.json, PATH_LIMIT)}", file=out)
     return 0

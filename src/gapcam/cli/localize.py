@@ -250,6 +250,7 @@ def _run_local(args: argparse.Namespace) -> int:
     from gapcam.overlay import colormap_lut
 
     # the output folder is skipped inside input folders: a second run never reads the first's
+    check_out_folder(args)
     suffixes = images.IMAGE_SUFFIXES | VIDEO_SUFFIXES
     found, problems = images.expand_inputs(args.inputs, exclude=[Path(args.out)], suffixes=suffixes)
     found = found[: args.limit] if args.limit else found
@@ -335,6 +336,28 @@ def _run_local(args: argparse.Namespace) -> int:
     total = done + len(failed)
     print(f"gapcam: {done} of {total} inputs done, {len(failed)} failed", file=sys.stderr)
     return 0 if not failed else 1
+
+
+def check_out_folder(args: argparse.Namespace) -> None:
+    """Refuse ``--out`` that is a folder given as input (with overlays: the next run would read
+    them as images); say so when it lies inside one (its files are not inputs)."""
+    out = Path(os.path.realpath(args.out))
+    for argument in args.inputs:
+        if not os.path.isdir(argument):
+            continue
+        folder = Path(os.path.realpath(argument))
+        if out == folder and not args.no_overlay:
+            raise GapcamError(
+                f"--out {safe_text(args.out)}: is the input folder {safe_text(argument)}; the "
+                "next run would read its overlays as images: give another folder (one inside "
+                "it is skipped as input)"
+            )
+        if out != folder and out.is_relative_to(folder) and out.is_dir() and not args.quiet:
+            print(
+                f"gapcam: note: {safe_text(args.out)} is the output folder (--out): its files "
+                f"are not read as inputs of {safe_text(argument)}",
+                file=sys.stderr,
+            )
 
 
 def is_video(path: Path) -> bool:

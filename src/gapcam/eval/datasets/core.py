@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,10 @@ MAX_LISTED = 25
 MAX_PROBLEM = 300
 #: the largest annotation file read (a list, a CSV; one XML file has its own, smaller limit)
 MAX_ANNOTATION_BYTES = 64 * 1024 * 1024
+
+
+#: the suffixes of the annotation files ``Dataset.input_files`` finds in a dataset's folder
+ANNOTATION_SUFFIXES = frozenset({".txt", ".csv", ".xml"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,22 @@ class Dataset:
     @property
     def box_count(self) -> int:
         return sum(len(s.boxes) for s in self.samples)
+
+    def input_files(self) -> Iterator[Path]:
+        """The files this set was read from: its annotation files (the CSV, or every
+        ``ANNOTATION_SUFFIXES`` file in its folder's tree), the samples' images and masks."""
+        if self.source.is_file():
+            yield self.source
+        else:
+            for folder, _, names in os.walk(self.source):  # links to folders not followed
+                for name in names:
+                    if os.path.splitext(name)[1].lower() in ANNOTATION_SUFFIXES:
+                        yield Path(folder, name)
+        for sample in self.samples:
+            yield sample.path
+            yield from sample.masks
+            if sample.ignore is not None:
+                yield sample.ignore
 
 
 @dataclass

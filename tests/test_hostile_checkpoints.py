@@ -506,3 +506,15 @@ def test_resume_after_a_validation_image_was_added_rescores_the_best_epoch(
     assert metrics["val_images"] == 3
     assert sum(map(sum, metrics["confusion_matrix"])) == 3
     assert metrics["epochs_run"] == 2
+
+
+def test_a_checkpoint_that_is_no_folder_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = str(EXAMPLES / "cat.png")
+    for given, said in [("nosuch", "no such folder"), (image, "is a file, not a folder")]:
+        argv = ["localize", image, "--checkpoint", given, "--out", str(tmp_path / "o")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"gapcam: error: --checkpoint {given}: {said}; give a folder made by `gapcam train`\n"
+        )

@@ -127,6 +127,19 @@ def test_cli_bad_arguments(
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_cli_seed_out_of_range_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["synth", str(tmp_path / "d"), "--seed", seed])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: argument --seed: {seed}: use a whole number from 0 to 4294967295\n"
+    )
+    assert not (tmp_path / "d").exists()
+
+
 def test_cli_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "shapes"
     assert main(["synth", str(out), "--classes", "2", "--per-class", "2", "--size", "48"]) == 0

@@ -47,6 +47,13 @@ def positive(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number from 0 to {2**32 - 1}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -283,7 +290,7 @@ def _streams(args: argparse.Namespace) -> int:
 _KEYWORD = re.compile(
     r"(?<![\w.\-\\~=])(?<![^=]/)([a-z][a-z0-9_]*)="  # a '/' only between keywords (model=/weights=)
     r"(?:'([^'\n]*)'|\"([^\"\n]*)\"|(True|False|None|[A-Z][A-Z_]*)(?![\w.])"
-    r"|(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?![\w.])|[(\[]([^()\[\]\n]*)[)\]]|(?=[\s,;:/)]|$)())"
+    r"|(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?|-?inf|nan)(?![\w.])|[(\[]([^()\[\]\n]*)[)\]]|(?=[\s,;:/)]|$)())"
 )
 
 

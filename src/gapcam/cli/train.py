@@ -17,6 +17,12 @@ REPORT_LIMIT = 100_000
 #: a path is shown whole, escaped
 PATH_LIMIT = 4096
 
+SYNTH_EXAMPLES = """examples:
+  gapcam synth shapes/ --classes 4 --per-class 60
+  gapcam synth shapes-big/ --classes 6 --per-class 200 --size 320 --seed 7
+  gapcam train shapes/ --out shapes-run/
+"""
+
 EXAMPLES = """examples:
   gapcam synth shapes/ --classes 4 --per-class 60
   gapcam train shapes/ --out shapes-run/
@@ -103,16 +109,24 @@ def add(commands: Any) -> None:
         "positions, sizes, rotations and colours on cluttered backgrounds: OUT/train/<class>/, "
         "OUT/val/<class>/ and a boxes.csv (path,label,x0,y0,x1,y1) in each split.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES,
+        epilog=SYNTH_EXAMPLES,
     )
     s.add_argument("out", help="folder to create")
     s.add_argument("--classes", type=options.positive, default=3, help="2 to 6 (default: 3)")
-    s.add_argument("--per-class", type=options.positive, default=40, help="train images per class")
+    s.add_argument(
+        "--per-class",
+        type=options.positive,
+        default=40,
+        help="train images per class (default: 40)",
+    )
     s.add_argument("--val-per-class", type=options.positive, help="default: per-class / 4 (min 2)")
     s.add_argument(
-        "--size", type=options.positive, default=160, help="image side in pixels (32 to 2048)"
+        "--size",
+        type=options.positive,
+        default=160,
+        help="image side in pixels, 32 to 2048 (default: 160)",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=options.seed, default=0, help="random seed (default: 0)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset made by synth")
     s.set_defaults(handler=run_synth)
 

@@ -158,6 +158,9 @@ def read_metadata(run: Path) -> dict[str, Any]:
     """``gapcam.json`` of the run folder ``run``, checked (see the module docstring)."""
     label = _label(Path(run))
     path = Path(run) / METADATA
+    if not Path(run).is_dir():
+        what = "is a file, not a folder" if Path(run).exists() else "no such folder"
+        raise ModelError(f"{label}: {what}; give a folder made by `gapcam train`")
     if not path.is_file():
         raise ModelError(f"{label}: no {METADATA} in it; give a folder made by `gapcam train`")
     try:

@@ -14,7 +14,6 @@ The run folder (see ``gapcam.models.checkpoint``) holds ``model.safetensors`` + 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -157,6 +156,11 @@ def _check_training(document: dict[str, Any]) -> None:
         raise _damaged(f"{METADATA}'s training setting model is not its backbone")
 
 
+#: the largest learning rate and weight decay taken (an optimizer's values are float32 there;
+#: the usual ones are 1e-4 to 1e-1, ``DEFAULTS``)
+MAX_RATE = 10.0
+
+
 def _setting_fits(key: str, value: object) -> bool:
     """Whether a stored setting is one a run can have been trained with."""
     if key in ("model", "finetune", "optimizer"):
@@ -169,7 +173,7 @@ def _setting_fits(key: str, value: object) -> bool:
         return isinstance(value, int) and (0 if key == "seed" else 1) <= value < 2**32
     if key == "val_fraction":
         return 0 < value < 1
-    return math.isfinite(value) and (value > 0 or key == "weight_decay")
+    return (value >= 0 if key == "weight_decay" else value > 0) and value <= MAX_RATE  # lr
 
 
 def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,9 +194,18 @@ def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, 
         raise TrainingError(f"finetune={settings['finetune']!r}: use one of {modes}")
     if settings["optimizer"] not in OPTIMIZERS:
         raise TrainingError(f"optimizer={settings['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
-    for key in ("lr", "batch_size"):
-        if not (settings[key] > 0 and math.isfinite(settings[key])):
-            raise TrainingError(f"{key}={settings[key]:g}: must be positive")
+    if not (0 < settings["lr"] <= MAX_RATE):
+        raise TrainingError(f"lr={settings['lr']!r}: use a number above 0, at most {MAX_RATE:g}")
+    if not (0 <= settings["weight_decay"] <= MAX_RATE):
+        raise TrainingError(
+            f"weight_decay={settings['weight_decay']!r}: use a number from 0 to {MAX_RATE:g}"
+        )
+    if not 0 < settings["val_fraction"] < 1:  # checked even where the data has its val split
+        raise TrainingError(
+            f"val_fraction={settings['val_fraction']!r}: must be between 0 and 1 (e.g. 0.2)"
+        )
+    if not settings["batch_size"] > 0:
+        raise TrainingError(f"batch_size={settings['batch_size']!r}: must be positive")
     if not 0 <= settings["seed"] < 2**32:
         raise TrainingError(f"seed={settings['seed']}: use a whole number from 0 to {2**32 - 1}")
     if (config.epochs is not None and config.epochs < 1) or config.patience < 1:

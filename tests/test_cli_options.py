@@ -94,6 +94,7 @@ def test_every_front_end_reads_the_same_localizer_flags() -> None:
         (["--engine", "ray", "--json", "r.json"], "--json: not with --engine ray"),
         (["--engine", "ray", "--save-cam"], "--save-cam: not with --engine ray"),
         (["--engine", "ray", "--input-size", "300"], "--input-size 300: must be a multiple"),
+        (["--top-k", "1001"], "--top-k 1001: efficientnet_lite0 has 1000 classes; give at most"),
     ],
 )
 def test_what_a_user_types_is_used_or_refused_in_one_line(

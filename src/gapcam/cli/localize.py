@@ -259,6 +259,12 @@ def _run_local(args: argparse.Namespace) -> int:
     localizer = _localizer(args, [path for path, _ in found if not is_video(path)])
     if args.classes:
         localizer.resolve_classes(args.classes)  # a bad --class stops the run before any work
+    classes = localizer.gap_model.num_classes
+    if args.top_k > classes:
+        raise GapcamError(
+            f"--top-k {args.top_k}: {safe_text(localizer.gap_model.name)} has {classes} "
+            f"classes; give at most {classes}"
+        )
     if not args.no_overlay:
         try:
             colormap_lut(args.cmap)

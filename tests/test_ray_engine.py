@@ -70,7 +70,9 @@ def test_sources_are_manifests_folders_globs_and_uris(source: Path) -> None:
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) -> None:
+def test_ray_rows_equal_the_single_process_path(
+    source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     args = ["localize", "--engine", "ray", str(source), "--out", str(out), "--backend", "eager"]
     code = cli.main([*args, "--batch-size", "2", "--top-k", "2", "-q"])
@@ -79,6 +81,8 @@ def test_ray_rows_equal_the_single_process_path(source: Path, tmp_path: Path) ->
     assert [Path(r["path"]).name for r in rows] == ["cat.png", "broken.jpg", "coffee.jpg"]
     broken = rows[1]
     assert "not an image file" in broken["error"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "broken.jpg" in line]
+    assert said == [f"error: {broken['error']}"]  # named, as the local engine names it
     assert broken["classes"] is None
     assert broken["boxes"] is None
 

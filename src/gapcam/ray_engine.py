@@ -349,7 +349,7 @@ def _drive(
         rows = localize_dataset(paths, options, actors=job["actors"], batch_size=job["batch_size"])
         # writing Parquet takes no CPU slot: every CPU of a small cluster runs an actor
         rows.write_parquet(str(staging / "parquet"), ray_remote_args={"num_cpus": 0})
-        errors, nodes = _tally(staging / "parquet", len(paths))
+        errors, nodes, failures = _tally(staging / "parquet", len(paths))
         if not (staging / STAGING_MARK).is_file():
             # the run was stopped (Ctrl-C where a ray:// command was typed) and its folder
             # removed, but this driver went on: a write made the folder again, without it
@@ -361,6 +361,12 @@ def _drive(
     except BaseException:  # a failure, or a cancel (Ctrl-C where a ray:// command was typed)
         remove_settled(staging)
         raise
+    for message in failures:  # the inputs whose rows hold an error, as the local engine says
+        on_error(message)
+    if errors > len(failures):
+        on_error(
+            f"{out / 'parquet'}: {errors - len(failures)} more rows hold an error (column error)"
+        )
     return RayRun(len(paths) - errors, errors + len(problems), out, nodes)
 
 
@@ -560,12 +566,18 @@ def localize_dataset(
     )
 
 
-def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int]]:
-    """(rows with an error, rows per node label) of the Parquet rows in ``folder``, which
-    must hold ``expected`` rows: a write cut short (a cancelled run whose Ray Data execution
-    ended early instead of raising) is never taken for a finished one."""
+#: the most failed rows a Ray run names one by one (the rest are counted)
+MAX_NAMED_FAILURES = 1000
+
+
+def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int], list[str]]:
+    """(rows with an error, rows per node label, the first ``MAX_NAMED_FAILURES`` errors) of
+    the Parquet rows in ``folder``, which must hold ``expected`` rows: a write cut short (a
+    cancelled run whose Ray Data execution ended early instead of raising) is never taken for
+    a finished one. Each error names its input."""
     from collections import Counter
 
+    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
     import ray
 
@@ -581,4 +593,11 @@ def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int]]:
         f"{(node or 'none')[:8]} ({addresses.get(node, '?')})": count
         for node, count in sorted(counts.items(), key=lambda item: -item[1])
     }
-    return errors, nodes
+    failures: list[str] = []
+    if errors:
+        rows = ds.dataset(folder, format="parquet")
+        first = rows.head(
+            MAX_NAMED_FAILURES, columns=["error"], filter=ds.field("error").is_valid()
+        )
+        failures = [str(message) for message in first.column("error").to_pylist()]
+    return errors, nodes, failures

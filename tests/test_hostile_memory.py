@@ -282,7 +282,12 @@ def test_the_pipeline_holds_what_the_budget_allows(
 def test_a_huge_image_is_charged_for_what_it_will_hold(tmp_path: Path) -> None:
     info = images.ImageInfo(CLAIMED_SIDE, CLAIMED_SIDE, "L")
     bare = batch.image_cost(info, 1, batch.Outputs(tmp_path, overlay=False))
-    assert bare == info.decode_bytes() + np.prod(map_size(CLAIMED_SIDE, CLAIMED_SIDE)) * 4
+    lines = batch.LINE_BYTES * 2 * CLAIMED_SIDE
+    assert bare == info.decode_bytes() + np.prod(map_size(CLAIMED_SIDE, CLAIMED_SIDE)) * 4 + lines
+    # a sliver of as many pixels pays for its rows: 50,000,000 of them cost 1.35 GB to resize
+    sliver = images.ImageInfo(1, CLAIMED_SIDE**2, "L")
+    thin = batch.image_cost(sliver, 1, batch.Outputs(tmp_path, overlay=False))
+    assert thin - bare > 20 * CLAIMED_SIDE**2
     drawn = batch.image_cost(info, 2, batch.Outputs(tmp_path))
     # drawn at the size of its maps (overlay.MAX_PIXELS), about 16 bytes a pixel per panel
     assert drawn - batch.image_cost(info, 2, batch.Outputs(tmp_path, overlay=False)) == (

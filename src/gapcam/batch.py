@@ -126,15 +126,24 @@ def run_head(
     }
 
 
+#: what each row and column of an image costs besides its pixels: Pillow's pointer to each row
+#: (8 bytes, in each image it holds), and resizing to the model's input, whose coefficients
+#: take about 16 bytes per row and column of the source (measured: a 1 x 50,000,000 PNG took
+#: 587 MB decoded, 200 of them pixels, and 763 MB more to resize)
+LINE_BYTES = 24
+
+
 def image_cost(info: images.ImageInfo, maps: int, outputs: Outputs) -> int:
     """Bytes one image is charged against the memory budget, from its header alone: decoding
     it (``ImageInfo.decode_bytes``), its ``maps`` normalised maps at box resolution (4 bytes a
     pixel each, ``gapcam.result.map_size``), drawing its overlay (about 16 bytes a pixel of
     each panel: the photo and map resized to the figure, colours, blend, boxes, caption band)
     and with ``save_cam`` its raw maps at full size (12 bytes a pixel each: the maps, their
-    stack, the encoded file)."""
+    stack, the encoded file); and ``LINE_BYTES`` a row and a column, which only an image of
+    an extreme shape makes count."""
     rows, columns = map_size(info.width, info.height)
     cost = info.decode_bytes() + maps * rows * columns * 4
+    cost += LINE_BYTES * (info.width + info.height)
     if outputs.overlay:
         scale = display_scale((info.width, info.height))
         panel = max(1, round(info.width * scale)) * max(1, round(info.height * scale))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,30 @@ def test_cli_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "wrote 4 train and 4 val images (48x48)" in printed
     assert f"gapcam train {out}" in printed
     assert len(list(out.rglob("*.png"))) == 8
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_run_leaves_no_partial_dataset_and_the_old_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    import gapcam.train.synthetic as synthetic
+
+    out = tmp_path / "shapes"
+    if existing:
+        generate(out, classes=2, per_class=2, size=48)
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if existing else []
+    drawn = synthetic.render_sample
+    calls = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return drawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(synthetic, "render_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, classes=3, per_class=4, size=48, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == (["shapes"] if existing else [])
+    if existing:
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

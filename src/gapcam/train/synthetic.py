@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +179,6 @@ def generate(
     overwrite: bool = False,
 ) -> dict[str, int]:
     """Write the dataset under ``out``; returns the number of images per split."""
-    from gapcam._version import __version__
-    from gapcam.outputs import atomic_write, encode_image
-
     names = _class_names(classes)
     val_count = max(2, per_class // 4) if val_per_class is None else val_per_class
     if per_class < 1:
@@ -192,6 +191,26 @@ def generate(
         raise OutputError(f"size={size}: at most {MAX_SIZE} pixels a side; give a smaller size=")
     root = Path(out)
     _check_target(root, overwrite)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # written into a folder of its own beside OUT and renamed to OUT when whole: an interrupted
+    # run leaves no partial dataset, and an existing one is replaced only then
+    staging = root.parent / f".{root.name[:200]}.synth-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # with the umask's mode, as the folder it becomes
+    try:
+        counts = _write(staging, names, per_class, val_count, size, seed)
+        _check_target(root, overwrite)  # as it is now
+        _replace(root, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def _write(
+    root: Path, names: tuple[str, ...], per_class: int, val_count: int, size: int, seed: int
+) -> dict[str, int]:
+    from gapcam._version import __version__
+    from gapcam.outputs import atomic_write, encode_image
+
     counts = {}
     for split, count in (("train", per_class), ("val", val_count)):
         rows = [CSV_HEADER]
@@ -230,8 +249,6 @@ def _class_names(classes: int | Sequence[str]) -> tuple[str, ...]:
 
 def _check_target(root: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder; with ``overwrite``, replace only a dataset made by gapcam."""
-    import shutil
-
     if root.exists() and not root.is_dir():
         raise OutputError(f"{root}: is a file; give a folder for the dataset")
     if not root.is_dir() or not any(root.iterdir()):
@@ -245,5 +262,19 @@ def _check_target(root: Path, overwrite: bool) -> None:
             f"{root}: not a dataset made by `gapcam synth` (no synth.json); refusing to "
             "delete its contents even with overwrite=True; choose another folder"
         )
-    for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
+
+
+def _replace(root: Path, staging: Path) -> None:
+    """``staging`` renamed to ``root``; an empty folder or a dataset there (``_check_target``
+    allowed it) removed once the new one is in its place."""
+    if not root.exists():
+        staging.rename(root)
+        return
+    old = staging.with_name(staging.name + ".old")
+    root.rename(old)
+    try:
+        staging.rename(root)
+    except BaseException:
+        old.rename(root)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

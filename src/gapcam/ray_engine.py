@@ -300,7 +300,7 @@ def run(
     check_out(outputs.folder, overwrite)  # before Ray starts
     settings = check_checkpoint(localizer)  # a bad checkpoint fails here, before Ray starts
     if not ray.is_initialized():
-        level = logging.WARNING if quiet else logging.INFO
+        level = logging.ERROR if quiet else logging.INFO  # -q: Ray's notices too
         ray.init(address=address, log_to_driver=False, logging_level=level)
     return _drive({**job, "localizer": settings}, progress=not quiet, on_error=on_error)
 
@@ -326,8 +326,8 @@ def _drive(
     if not paths:
         raise GapcamError("no images to process: check the SOURCE arguments")
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    if not progress:  # -q: Ray Data's own INFO lines too
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not progress:  # -q: Ray Data's own notices too (INFO and WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     out.parent.mkdir(parents=True, exist_ok=True)
     if staging_name:
         staging = out.parent / staging_name

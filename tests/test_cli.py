@@ -397,13 +397,14 @@ class SameFolder:
 
 @pytest.fixture(scope="module")
 def same_folder(cli, tmp_path_factory: pytest.TempPathFactory) -> SameFolder:
-    """--out is the input folder, which holds x.png and an input named like its output."""
+    """--out is the folder of the input files, x.png and an input named like its output (the
+    folder itself as input is refused with --out: test_hostile_output.py)."""
     folder = tmp_path_factory.mktemp("same") / "d"
     folder.mkdir()
     noise(seed=3).save(folder / "x.png")
     noise(seed=4).save(folder / "x.cam.png")
     protected = (folder / "x.cam.png").read_bytes()
-    run = cli("localize", "d", "--out", "d", "--json", "-", cwd=folder.parent)
+    run = cli("localize", "d/x.cam.png", "d/x.png", "--out", "d", "--json", "-", cwd=folder.parent)
     return SameFolder(run, folder, protected)
 
 

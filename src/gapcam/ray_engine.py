@@ -577,7 +577,6 @@ def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int], list[str]]
     a finished one. Each error names its input."""
     from collections import Counter
 
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
     import ray
 
@@ -593,11 +592,5 @@ def _tally(folder: Path, expected: int) -> tuple[int, dict[str, int], list[str]]
         f"{(node or 'none')[:8]} ({addresses.get(node, '?')})": count
         for node, count in sorted(counts.items(), key=lambda item: -item[1])
     }
-    failures: list[str] = []
-    if errors:
-        rows = ds.dataset(folder, format="parquet")
-        first = rows.head(
-            MAX_NAMED_FAILURES, columns=["error"], filter=ds.field("error").is_valid()
-        )
-        failures = [str(message) for message in first.column("error").to_pylist()]
-    return errors, nodes, failures
+    failed = table.column("error").drop_null().slice(0, MAX_NAMED_FAILURES)
+    return errors, nodes, [str(message) for message in failed.to_pylist()]

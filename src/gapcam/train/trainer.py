@@ -159,6 +159,12 @@ def _check_training(document: dict[str, Any]) -> None:
 #: the largest learning rate and weight decay taken (an optimizer's values are float32 there;
 #: the usual ones are 1e-4 to 1e-1, ``DEFAULTS``)
 MAX_RATE = 10.0
+#: what a given setting must be, for those ``_setting_fits`` bounds alike given or stored
+RULES = {
+    "lr": f"use a number above 0, at most {MAX_RATE:g}",
+    "weight_decay": f"use a number from 0 to {MAX_RATE:g}",
+    "val_fraction": "must be between 0 and 1 (e.g. 0.2)",
+}
 
 
 def _setting_fits(key: str, value: object) -> bool:
@@ -173,7 +179,7 @@ def _setting_fits(key: str, value: object) -> bool:
         return isinstance(value, int) and (0 if key == "seed" else 1) <= value < 2**32
     if key == "val_fraction":
         return 0 < value < 1
-    return (value >= 0 if key == "weight_decay" else value > 0) and value <= MAX_RATE  # lr
+    return (value >= 0 if key == "weight_decay" else value > 0) and value <= MAX_RATE  # lr too
 
 
 def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -194,16 +200,9 @@ def _resolve(config: TrainConfig, previous: dict[str, Any] | None) -> dict[str, 
         raise TrainingError(f"finetune={settings['finetune']!r}: use one of {modes}")
     if settings["optimizer"] not in OPTIMIZERS:
         raise TrainingError(f"optimizer={settings['optimizer']!r}: use {' or '.join(OPTIMIZERS)}")
-    if not (0 < settings["lr"] <= MAX_RATE):
-        raise TrainingError(f"lr={settings['lr']!r}: use a number above 0, at most {MAX_RATE:g}")
-    if not (0 <= settings["weight_decay"] <= MAX_RATE):
-        raise TrainingError(
-            f"weight_decay={settings['weight_decay']!r}: use a number from 0 to {MAX_RATE:g}"
-        )
-    if not 0 < settings["val_fraction"] < 1:  # checked even where the data has its val split
-        raise TrainingError(
-            f"val_fraction={settings['val_fraction']!r}: must be between 0 and 1 (e.g. 0.2)"
-        )
+    for key, rule in RULES.items():  # val_fraction even where the data has its val split
+        if not _setting_fits(key, settings[key]):
+            raise TrainingError(f"{key}={settings[key]!r}: {rule}")
     if not settings["batch_size"] > 0:
         raise TrainingError(f"batch_size={settings['batch_size']!r}: must be positive")
     if not 0 <= settings["seed"] < 2**32:
